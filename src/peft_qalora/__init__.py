@@ -1,0 +1,22 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""QA-LoRA for GPTQ models as a PEFT tuner.
+
+``import peft_qalora`` registers the ``QALORA`` method with PEFT, after which the stock PEFT API works with
+:class:`QALoraConfig`: ``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``,
+``save_pretrained``, ``push_to_hub``.
+"""
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils import register_peft_method
+
+from .config import QALoraConfig
+from .layer import QALoraLayer, QALoraLinear
+from .model import QALoraModel
+from .peft_type import QALORA
+
+__version__ = "0.1.0"
+
+__all__ = ["QALORA", "QALoraConfig", "QALoraLayer", "QALoraLinear", "QALoraModel", "__version__"]
+
+if QALORA not in PEFT_TYPE_TO_CONFIG_MAPPING:  # a second import or a reload registers nothing twice
+    register_peft_method(name="qalora", config_cls=QALoraConfig, model_cls=QALoraModel, prefix=QALoraModel.prefix)

@@ -1,0 +1,240 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""The QA-LoRA layer: a GPTQ linear layer plus a low-rank adapter on its group-pooled input."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .gptq import GPTQLayerFacts, is_gptq_layer, layer_facts
+
+logger = logging.getLogger(__name__)
+
+# GPTQModel kernels with a one-way switch to an inference-only path: the first forward in eval mode without
+# gradients repacks the weights and from then on runs under `torch.no_grad` (DESIGN.md, "Traps").
+_INFERENCE_MODE = "inference"
+_TRAIN_MODE = "train"
+
+
+def check_group_layout(facts: GPTQLayerFacts, g_idx: torch.Tensor) -> Optional[str]:
+    """Why QA-LoRA cannot pool over this layer's groups, or ``None`` if it can."""
+    if facts.in_features % facts.group_size:
+        return (
+            f"in_features={facts.in_features} is not a multiple of group_size={facts.group_size}; QA-LoRA pools whole "
+            "quantization groups, so every group must hold group_size input channels"
+        )
+    counts = torch.bincount(g_idx.detach().to("cpu", torch.int64), minlength=facts.num_groups)
+    if counts.numel() != facts.num_groups or not bool((counts == facts.group_size).all()):
+        return (
+            f"its g_idx does not assign exactly group_size={facts.group_size} channels to each of its "
+            f"{facts.num_groups} groups (counts {counts.min().item()}..{counts.max().item()})"
+        )
+    return None
+
+
+class QALoraLayer(BaseTunerLayer):
+    """State and math shared by QA-LoRA layers: one ``A`` (r x groups) and ``B`` (out x r) per adapter."""
+
+    adapter_layer_names = ("qalora_A", "qalora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "qalora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.qalora_dropout = nn.ModuleDict({})
+        self.qalora_A = nn.ModuleDict({})
+        self.qalora_B = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if not is_gptq_layer(base):
+            raise TypeError(f"QA-LoRA wraps GPTQModel GPTQ linear layers, got {type(base).__name__}.")
+        self.facts = layer_facts(base)
+        problem = check_group_layout(self.facts, base.g_idx)
+        if problem:
+            raise ValueError(f"Cannot adapt this {type(base).__name__}: {problem}.")
+        self.in_features = self.facts.in_features
+        self.out_features = self.facts.out_features
+        self.num_groups = self.facts.num_groups
+        self.group_size = self.facts.group_size
+        # With act-order the channels of a group are scattered; gather them group by group so that pooling is
+        # a reshape-and-mean in both cases. Not persistent: it is derived from the base layer's g_idx.
+        order = torch.argsort(base.g_idx.detach().to(torch.int64), stable=True) if self.facts.act_order else None
+        self.register_buffer("qalora_group_order", order, persistent=False)
+        self._pin_training_path(base)
+
+    def _pin_training_path(self, base: nn.Module) -> None:
+        """Keep GPTQModel kernels with a one-way inference switch on their differentiable path.
+
+        TorchAtenLinear and TorchFusedLinear repack their weights and drop gradients for good after their first
+        bf16/fp16 forward in eval mode without gradients (an evaluation step inside training is enough). Pinning
+        them to the dequantize-matmul path keeps every later training step exact.
+        """
+        mode = getattr(base, "linear_mode", None)
+        self._pinned_linear_mode = False
+        if not hasattr(base, "linear_mode"):
+            return
+        if mode is None:
+            base.linear_mode = _TRAIN_MODE
+            self._pinned_linear_mode = True
+        elif mode == _INFERENCE_MODE:
+            logger.warning(
+                "%s already switched to its inference-only kernel (an eval forward in fp16/bf16 happened before the "
+                "adapter was added); it returns no gradient, so training through this layer will raise. Load the "
+                "model with `GPTQConfig(bits=..., backend=\"gptq_torch\")` to train.",
+                type(base).__name__,
+            )
+
+    def release_base_layer(self) -> nn.Module:
+        """The base layer, with the kernel mode this layer pinned handed back to the kernel."""
+        base = self.get_base_layer()
+        if self._pinned_linear_mode and getattr(base, "linear_mode", None) == _TRAIN_MODE:
+            base.linear_mode = None
+            self._pinned_linear_mode = False
+        return base
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: Union[bool, str] = True,
+        use_rslora: bool = False,
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Add (or replace) the adapter ``adapter_name``: ``A`` maps groups to rank ``r``, ``B`` rank to outputs."""
+        if r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {r}.")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.qalora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.qalora_A[adapter_name] = nn.Linear(self.num_groups, r, bias=False)
+        self.qalora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.reset_qalora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_qalora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
+        A = self.qalora_A[adapter_name].weight
+        B = self.qalora_B[adapter_name].weight
+        with torch.no_grad():
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(A, std=1 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init_lora_weights is False:
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(B)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of ``x`` over each quantization group: (..., in_features) -> (..., num_groups)."""
+        if self.qalora_group_order is not None:
+            x = x.index_select(-1, self.qalora_group_order)
+        return x.unflatten(-1, (self.num_groups, self.group_size)).mean(-1)
+
+    def group_delta(self, adapter_name: str) -> torch.Tensor:
+        """``D[g, n]``: the adapter's change to every weight of group ``g`` in output ``n`` (groups x out, fp32).
+
+        ``W[n, k] + D[g_idx[k], n]`` is the adapted dense weight (DESIGN.md, "The adapter").
+        """
+        A = self.qalora_A[adapter_name].weight.detach().float()
+        B = self.qalora_B[adapter_name].weight.detach().float()
+        return (self.scaling[adapter_name] / self.group_size) * (B @ A).t()
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter as a dense weight change (out x in), constant inside each quantization group."""
+        g_idx = self.get_base_layer().g_idx.to(torch.int64)
+        return self.group_delta(adapter_name)[g_idx].t()
+
+
+class QALoraLinear(nn.Module, QALoraLayer):
+    """A GPTQModel GPTQ linear layer (any kernel) with QA-LoRA adapters.
+
+    ``forward(x) = base(x) + sum over active adapters of scaling * B(A(pool(dropout(x))))``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_lora_weights: Union[bool, str] = True,
+        use_rslora: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        QALoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(
+            adapter_name,
+            r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            init_lora_weights=init_lora_weights,
+            use_rslora=use_rslora,
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        self._check_gradient_path(x, result)
+        if self.merged:
+            return result
+        for active_adapter in self.active_adapters:
+            if active_adapter not in self.qalora_A:
+                continue
+            A = self.qalora_A[active_adapter]
+            B = self.qalora_B[active_adapter]
+            dropout = self.qalora_dropout[active_adapter]
+            pooled = self.pool(dropout(self._cast_input_dtype(x, A.weight.dtype)))
+            result = result + (B(A(pooled)) * self.scaling[active_adapter]).to(result.dtype)
+        return result
+
+    def _check_gradient_path(self, x: torch.Tensor, result: torch.Tensor) -> None:
+        # Kernel-agnostic: if the input carries a gradient but the base output does not, the kernel ran a
+        # no-grad path and every adapter before this layer would silently get a wrong (partial) gradient.
+        if torch.is_grad_enabled() and x.requires_grad and not result.requires_grad:
+            base = self.get_base_layer()
+            raise RuntimeError(
+                f"The GPTQ kernel {type(base).__name__} returned an output without gradient: it switched to its "
+                "inference-only path, so training through it would give wrong gradients. Load the model for "
+                "training with `GPTQConfig(bits=..., backend=\"gptq_torch\")`, or add the adapter before running any "
+                "fp16/bf16 inference with the model."
+            )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError("Merging QA-LoRA adapters into GPTQ zero points is not available yet.")
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> nn.Module:
+        """What ``unload()`` / ``merge_and_unload()`` put back in this layer's place."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.release_base_layer()
+
+    def __repr__(self) -> str:
+        return "qalora." + super().__repr__()

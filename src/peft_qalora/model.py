@@ -1,0 +1,168 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""`QALoraModel`, the PEFT tuner that injects QA-LoRA layers into the GPTQ layers of a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig
+from .gptq import is_gptq_layer, layer_facts
+from .layer import QALoraLayer, QALoraLinear, check_group_layout
+
+ALL_LINEAR = "all-linear"
+_MAX_LISTED = 8
+QUANTIZATION_KEYS = ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _listing(items: list[str]) -> str:
+    shown = "\n  ".join(items[:_MAX_LISTED])
+    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"\n  {shown}{more}"
+
+
+def gptq_layer_names(model: nn.Module) -> list[str]:
+    """Names of every GPTQ linear layer of ``model`` but its output head (what ``"all-linear"`` selects)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if module is output or not is_gptq_layer(module):
+            continue
+        if any(part.startswith(QALoraModel.prefix) for part in name.split(".")):
+            continue  # inside an existing adapter layer
+        names.append(name.removesuffix(".base_layer"))
+    return names
+
+
+def base_quantization(model: nn.Module) -> dict | None:
+    """The GPTQ settings of a transformers model's ``quantization_config``, as a plain dict."""
+    quantization_config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quantization_config is None:
+        return None
+    if not isinstance(quantization_config, dict):
+        quantization_config = quantization_config.to_dict()
+    return {key: quantization_config[key] for key in QUANTIZATION_KEYS if key in quantization_config}
+
+
+class QALoraModel(BaseTuner):
+    """Injects QA-LoRA adapters into a GPTQ-quantized model.
+
+    Use it through PEFT: ``get_peft_model(model, QALoraConfig(...))`` or ``PeftModel.from_pretrained``. Every
+    targeted module must be a GPTQModel GPTQ layer; all targets are checked before the model is changed.
+    """
+
+    prefix: str = "qalora_"
+    tuner_layer_cls = QALoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING
+
+    def _prepare_adapter_config(self, peft_config: QALoraConfig, model_config: dict) -> QALoraConfig:
+        if peft_config.target_modules is None and model_config.get("model_type") not in self.target_module_mapping:
+            raise ValueError(
+                f"No default QA-LoRA targets for model_type={model_config.get('model_type')!r}: pass "
+                f"`target_modules` (module names, a regex, or {ALL_LINEAR!r} for every GPTQ linear layer)."
+            )
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    def _prepare_model(self, peft_config: QALoraConfig, model: nn.Module) -> None:
+        """Resolve ``"all-linear"`` and check every target before any module is replaced."""
+        if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == ALL_LINEAR:
+            names = gptq_layer_names(model)
+            if not names:
+                raise ValueError(
+                    "target_modules='all-linear' found no GPTQ layer: the model is not GPTQ-quantized. Load a GPTQ "
+                    "checkpoint (its config has quantization_config.quant_method='gptq') to train QA-LoRA."
+                )
+            peft_config.target_modules = set(names)
+
+        problems: list[str] = []
+        facts = {}
+        for name, module in model.named_modules():
+            if not name or any(part.startswith(self.prefix) for part in name.split(".")):
+                continue
+            matched = check_target_module_exists(peft_config, name)
+            if not matched or isinstance(matched, _ExcludedModule):
+                continue
+            base = _base_of(module)
+            if not is_gptq_layer(base):
+                problems.append(
+                    f"{name} ({type(base).__name__}) is not a GPTQ layer; QA-LoRA folds into GPTQ zero points, so it "
+                    "adapts only GPTQ-quantized linear layers"
+                )
+                continue
+            facts[name] = layer_facts(base)
+            problem = check_group_layout(facts[name], base.g_idx)
+            if problem:
+                problems.append(f"{name}: {problem}")
+        if problems:
+            raise ValueError(
+                "Cannot add the QA-LoRA adapter; nothing was changed. Fix `target_modules`/`exclude_modules` or the "
+                "base model:" + _listing(problems)
+            )
+        self._check_recorded_base(peft_config, facts)
+
+    @staticmethod
+    def _check_recorded_base(peft_config: QALoraConfig, facts: dict) -> None:
+        """Compare the base with the one the adapter was trained on (if recorded), or record it."""
+        if not peft_config.base_layers:
+            peft_config.base_layers = {name: fact.to_dict() for name, fact in facts.items()}
+            return
+        problems = []
+        for name, recorded in peft_config.base_layers.items():
+            if name not in facts:
+                problems.append(f"{name}: the adapter has this layer, the base model has no matching GPTQ layer")
+                continue
+            problems.extend(f"{name}: {mismatch}" for mismatch in facts[name].mismatches(recorded))
+        if problems:
+            raise ValueError(
+                "This QA-LoRA adapter was trained on a different GPTQ base model; its groups would not match the "
+                "quantization groups of this one. Load it onto the base it was trained on:" + _listing(problems)
+            )
+
+    def _post_injection_hook(self, model: nn.Module, config: QALoraConfig, adapter_name: str) -> None:
+        if config.base_quantization is None:
+            config.base_quantization = base_quantization(model)
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(["qalora", "gptq"])
+
+    def _create_and_replace(
+        self,
+        peft_config: QALoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        r_key = get_pattern_key(peft_config.rank_pattern.keys(), current_key)
+        alpha_key = get_pattern_key(peft_config.alpha_pattern.keys(), current_key)
+        kwargs = {
+            "r": peft_config.rank_pattern.get(r_key, peft_config.r),
+            "lora_alpha": peft_config.alpha_pattern.get(alpha_key, peft_config.lora_alpha),
+            "lora_dropout": peft_config.lora_dropout,
+            "init_lora_weights": peft_config.init_lora_weights,
+            "use_rslora": peft_config.use_rslora,
+        }
+        if isinstance(target, QALoraLinear):
+            target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **kwargs)
+            return
+        new_module = QALoraLinear(target, adapter_name, **kwargs)
+        if adapter_name not in self.active_adapters:
+            # an additional adapter is not trainable until it is activated
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(child, BaseTunerLayer) and not isinstance(new_module, BaseTunerLayer):
+            # Unloading: put the GPTQ layer (or its merged replacement) back as it is. PEFT's generic path would
+            # copy `weight` onto it, which GPTQModel layers expose as a read-only property.
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
