@@ -10,13 +10,28 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
 from .config import QALoraConfig
+from .float_zero_linear import FloatZeroGPTQLinear
 from .layer import QALoraLayer, QALoraLinear
+from .merge import MergeReport, RoundingLossError
 from .model import QALoraModel
 from .peft_type import QALORA
+from .quantizer import QALoraGPTQConfig, register_with_transformers
 
 __version__ = "0.1.0"
 
-__all__ = ["QALORA", "QALoraConfig", "QALoraLayer", "QALoraLinear", "QALoraModel", "__version__"]
+__all__ = [
+    "QALORA",
+    "FloatZeroGPTQLinear",
+    "MergeReport",
+    "QALoraConfig",
+    "QALoraGPTQConfig",
+    "QALoraLayer",
+    "QALoraLinear",
+    "QALoraModel",
+    "RoundingLossError",
+    "__version__",
+]
 
 if QALORA not in PEFT_TYPE_TO_CONFIG_MAPPING:  # a second import or a reload registers nothing twice
     register_peft_method(name="qalora", config_cls=QALoraConfig, model_cls=QALoraModel, prefix=QALoraModel.prefix)
+register_with_transformers()

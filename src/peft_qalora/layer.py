@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .gptq import GPTQLayerFacts, is_gptq_layer, layer_facts
+from .float_zero_linear import FloatZeroGPTQLinear
+from .gptq import GPTQLayerFacts, is_gptq_layer, layer_facts, pack_qzeros
+from .merge import LayerRounding, fold, in_memory_zero_format, read_zero_points, round_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +23,16 @@ logger = logging.getLogger(__name__)
 # gradients repacks the weights and from then on runs under `torch.no_grad` (DESIGN.md, "Traps").
 _INFERENCE_MODE = "inference"
 _TRAIN_MODE = "train"
+
+
+@dataclass
+class LayerFold:
+    """A layer's adapters folded into its zero points, computed but not yet applied."""
+
+    adapters: list[str]
+    zeros: torch.Tensor  # fp32 real-valued zeros, or int64 integer zeros
+    zero_format: str  # "float" or "int"
+    rounding: Optional[LayerRounding] = None
 
 
 def check_group_layout(facts: GPTQLayerFacts, g_idx: torch.Tensor) -> Optional[str]:
@@ -44,8 +57,11 @@ class QALoraLayer(BaseTunerLayer):
     adapter_layer_names = ("qalora_A", "qalora_B")
     other_param_names = ("r", "lora_alpha", "scaling", "qalora_dropout")
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, checkpoint_format: Optional[str] = None, **kwargs: Any) -> None:
         self.base_layer = base_layer
+        # Zero-point format of the checkpoint the base was loaded from: decides how its qzeros read in memory.
+        self.checkpoint_format = checkpoint_format
+        self._unmerged = None  # (base layer, its qzeros) as they were before the first merge
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -57,7 +73,7 @@ class QALoraLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
         base = self.get_base_layer()
-        if not is_gptq_layer(base):
+        if not (is_gptq_layer(base) or isinstance(base, FloatZeroGPTQLinear)):
             raise TypeError(f"QA-LoRA wraps GPTQModel GPTQ linear layers, got {type(base).__name__}.")
         self.facts = layer_facts(base)
         problem = check_group_layout(self.facts, base.g_idx)
@@ -160,6 +176,42 @@ class QALoraLayer(BaseTunerLayer):
         g_idx = self.get_base_layer().g_idx.to(torch.int64)
         return self.group_delta(adapter_name)[g_idx].t()
 
+    def fold_adapters(self, adapter_names: list[str], zero_format: str = "float", name: str = "") -> LayerFold:
+        """Fold ``adapter_names`` into this layer's zero points without changing anything yet.
+
+        ``zero_format="float"`` keeps ``z' = z - D / s`` exactly; ``"int"`` rounds it to the GPTQ grid and measures
+        the loss.
+        """
+        base = self.get_base_layer()
+        delta = sum(self.group_delta(adapter) for adapter in adapter_names)
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError(
+                f"{name or 'layer'}: adapter(s) {adapter_names} contain NaN or inf weights; the merge would break the "
+                "model. Nothing was changed."
+            )
+        original = read_zero_points(base, self.checkpoint_format)
+        folded = fold(original, base.scales, delta.to(original.device))
+        if zero_format == "float":
+            return LayerFold(adapter_names, folded, "float")
+        if isinstance(base, FloatZeroGPTQLinear):
+            raise ValueError(f"{name}: already merged into real-valued zero points; unmerge before an integer merge.")
+        lowest = 1 if in_memory_zero_format(base, self.checkpoint_format) == "gptq" else 0
+        rounded, rounding = round_zeros(name, folded, original, base.scales, self.facts.bits, lowest)
+        return LayerFold(adapter_names, rounded, "int", rounding)
+
+    def apply_fold(self, layer_fold: LayerFold) -> None:
+        """Make the base layer compute the folded weights; :meth:`unmerge` restores it exactly."""
+        base = self.get_base_layer()
+        if self._unmerged is None:
+            self._unmerged = (base, getattr(base, "qzeros", None))
+        if layer_fold.zero_format == "float":
+            self.base_layer = FloatZeroGPTQLinear.from_gptq(base, layer_fold.zeros)
+        else:
+            zero_format = in_memory_zero_format(base, self.checkpoint_format)
+            base.qzeros = pack_qzeros(layer_fold.zeros, self.facts.bits, zero_format).to(base.qzeros.device)
+            _clear_kernel_cache(base)
+        self.merged_adapters.extend(layer_fold.adapters)
+
 
 class QALoraLinear(nn.Module, QALoraLayer):
     """A GPTQModel GPTQ linear layer (any kernel) with QA-LoRA adapters.
@@ -222,11 +274,26 @@ class QALoraLinear(nn.Module, QALoraLayer):
             )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise NotImplementedError("Merging QA-LoRA adapters into GPTQ zero points is not available yet.")
+        """Fold the adapters into real-valued zero points (PEFT's ``merge_adapter`` calls this per layer).
+
+        Non-finite adapter weights are always refused, so ``safe_merge`` adds nothing and exists for API parity.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if adapter_names:
+            self.apply_fold(self.fold_adapters(adapter_names, "float"))
 
     def unmerge(self) -> None:
+        """Put back the original GPTQ layer and zero points, exactly as they were before merging."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base, qzeros = self._unmerged
+        self.base_layer = base
+        if qzeros is not None and base.qzeros is not qzeros:
+            base.qzeros = qzeros
+            _clear_kernel_cache(base)
+        self._unmerged = None
+        self.merged_adapters.clear()
 
     def unload_and_optionally_merge_module(
         self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
@@ -238,3 +305,10 @@ class QALoraLinear(nn.Module, QALoraLayer):
 
     def __repr__(self) -> str:
         return "qalora." + super().__repr__()
+
+
+def _clear_kernel_cache(layer: nn.Module) -> None:
+    # GPTQModel kernels cache dequantized zeros/weights; new qzeros must not meet stale caches.
+    clear = getattr(layer, "_clear_runtime_weight_cache", None)
+    if callable(clear):
+        clear()

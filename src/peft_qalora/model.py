@@ -3,15 +3,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Optional
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    check_adapters_to_merge,
+    check_target_module_exists,
+)
 from peft.utils.other import get_pattern_key
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig
+from .float_zero_linear import FloatZeroGPTQLinear
 from .gptq import is_gptq_layer, layer_facts
-from .layer import QALoraLayer, QALoraLinear, check_group_layout
+from .layer import LayerFold, QALoraLayer, QALoraLinear, check_group_layout
+from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, RoundingLossError, read_zero_points
+from .quantizer import QALoraGPTQConfig, QALoraGPTQHfQuantizer
+
+logger = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"
 _MAX_LISTED = 8
@@ -153,7 +166,8 @@ class QALoraModel(BaseTuner):
         if isinstance(target, QALoraLinear):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **kwargs)
             return
-        new_module = QALoraLinear(target, adapter_name, **kwargs)
+        checkpoint_format = (base_quantization(self.model) or {}).get("checkpoint_format")
+        new_module = QALoraLinear(target, adapter_name, checkpoint_format=checkpoint_format, **kwargs)
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until it is activated
             new_module.requires_grad_(False)
@@ -166,3 +180,116 @@ class QALoraModel(BaseTuner):
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
+
+    # ------------------------------------------------------------------------------------------------- merging
+
+    def merge_adapter(
+        self,
+        adapter_names: Optional[list[str]] = None,
+        safe_merge: bool = False,
+        zero_format: str = "float",
+        max_rounding_loss: float = DEFAULT_MAX_ROUNDING_LOSS,
+    ) -> Optional[MergeReport]:
+        """Fold the adapters into the GPTQ zero points, keeping the adapter layers (``unmerge_adapter`` undoes it).
+
+        See :meth:`merge_and_unload` for the arguments. Returns the rounding report of an integer merge.
+        """
+        return self._fold_all(adapter_names, zero_format, max_rounding_loss, progressbar=False)
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        zero_format: str = "float",
+        max_rounding_loss: float = DEFAULT_MAX_ROUNDING_LOSS,
+    ) -> nn.Module:
+        """Fold the adapters into the GPTQ zero points and return the base model with no adapter left.
+
+        Args:
+            progressbar: Show a progress bar over the layers.
+            safe_merge: Accepted for PEFT compatibility; non-finite adapter weights are always refused.
+            adapter_names: Adapters to merge (default: the active ones).
+            zero_format: ``"float"`` (default) stores ``z' = z - D / s`` exactly as fp32 zero points: the merged
+                model equals the adapter model and saves as a ``peft_qalora`` checkpoint that loads after
+                ``import peft_qalora``. ``"int"`` rounds the zero points to the GPTQ grid, which stock GPTQ
+                loaders read, but usually loses most of a trained adapter; the loss is measured first.
+            max_rounding_loss: With ``zero_format="int"``, refuse (raising :class:`RoundingLossError`, model
+                unchanged) when rounding would lose more than this share of the adapter's effect.
+
+        Returns:
+            The merged transformers model. After an integer merge its ``qalora_merge_report`` attribute holds the
+            :class:`MergeReport`.
+        """
+        report = self._fold_all(adapter_names, zero_format, max_rounding_loss, progressbar)
+        model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        if zero_format == "float":
+            _store_float_zeros(model)
+        else:
+            _relabel_integer_merge(model)
+            model.qalora_merge_report = report
+        return model
+
+    def _fold_all(
+        self, adapter_names: Optional[list[str]], zero_format: str, max_rounding_loss: float, progressbar: bool
+    ) -> Optional[MergeReport]:
+        """Fold every layer first, check the rounding loss, and only then change the model (all or nothing)."""
+        if zero_format not in ZERO_FORMATS:
+            raise ValueError(f"zero_format must be one of {ZERO_FORMATS}, got {zero_format!r}.")
+        self._check_merge_allowed()
+        layers = {name: m for name, m in self.model.named_modules() if isinstance(m, QALoraLinear)}
+        folds: dict[str, LayerFold] = {}
+        for name, layer in tqdm(layers.items(), disable=not progressbar, desc="Folding adapters into zero points"):
+            names = check_adapters_to_merge(layer, adapter_names)
+            if names:
+                folds[name] = layer.fold_adapters(names, zero_format, name)
+        report = None
+        if zero_format == "int":
+            report = MergeReport([layer_fold.rounding for layer_fold in folds.values()])
+            logger.info("QA-LoRA merge: %s", report.summary())
+            if report.lost > max_rounding_loss:
+                raise RoundingLossError(report, max_rounding_loss)
+        for name, layer_fold in folds.items():
+            layers[name].apply_fold(layer_fold)
+        return report
+
+
+def _store_float_zeros(model: nn.Module) -> None:
+    """Make every GPTQ layer a float-zero layer and label the model a ``peft_qalora`` checkpoint for saving."""
+    quantization = base_quantization(model) or {}
+    checkpoint_format = quantization.get("checkpoint_format")
+    for name, module in list(model.named_modules()):
+        if is_gptq_layer(module):  # GPTQ layers no adapter touched: same weights, stored the same way
+            parent_name, _, child = name.rpartition(".")
+            float_layer = FloatZeroGPTQLinear.from_gptq(module, read_zero_points(module, checkpoint_format))
+            setattr(model.get_submodule(parent_name), child, float_layer)
+    modules = [name for name, module in model.named_modules() if isinstance(module, FloatZeroGPTQLinear)]
+    config = QALoraGPTQConfig(
+        bits=quantization.get("bits"),
+        group_size=quantization.get("group_size"),
+        desc_act=quantization.get("desc_act", False),
+        sym=quantization.get("sym", True),
+        modules=modules,
+        base_checkpoint_format=checkpoint_format,
+    )
+    model.config.quantization_config = config
+    model.hf_quantizer = QALoraGPTQHfQuantizer(config, pre_quantized=True)
+
+
+def _relabel_integer_merge(model: nn.Module) -> None:
+    """Label an integer-zero merge so that saving writes zeros and label that agree.
+
+    GPTQModel holds v2 zeros in memory (DESIGN.md, "Traps"), and merged zeros are no longer the symmetric
+    midpoint: kernels that assume ``sym=True`` would ignore them.
+    """
+    quantization_config = model.config.quantization_config
+    updates = {"sym": False}
+    layer = next((m for m in model.modules() if is_gptq_layer(m)), None)
+    checkpoint_format = (base_quantization(model) or {}).get("checkpoint_format")
+    if (layer is not None and getattr(layer, "REQUIRES_FORMAT_V2", False)) or checkpoint_format == "gptq_v2":
+        updates["format"] = "gptq_v2"
+    for key, value in updates.items():
+        if isinstance(quantization_config, dict):
+            quantization_config["checkpoint_format" if key == "format" else key] = value
+        else:
+            setattr(quantization_config, key, value)

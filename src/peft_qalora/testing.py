@@ -6,6 +6,10 @@ projection to GPTQ with round-to-nearest (per group, optionally with an act-orde
 it in the ``gptq`` (v1) or ``gptq_v2`` layout and writes ``config.json`` + ``model.safetensors``,
 the way GPTQModel would. It returns the integer codes, zeros and fp16 scales it chose, so a test can
 build an independent dense reference from them instead of from the code under test.
+
+The scales are rounded to 3 significant bits. Then ``s * (q - z)`` is exact in fp16 for every bit width, so
+GPTQ kernels (which dequantize in fp16) compute exactly the dequantized weight, and a comparison between a
+kernel and a dense fp32 reference measures the code under test, not fp16 rounding.
 """
 
 from __future__ import annotations
@@ -32,14 +36,9 @@ class QuantizedLinear:
     g_idx: torch.Tensor  # (in_features,), int32
 
     def dequantize(self) -> torch.Tensor:
-        """Dense fp32 weight (out_features x in_features).
-
-        The product is rounded to fp16 first, as GPTQ kernels compute it in the scales' dtype; so a model built from
-        these weights matches a GPTQ model up to float summation order.
-        """
+        """Dense fp32 weight (out_features x in_features)."""
         g = self.g_idx.long()
-        steps = (self.codes - self.zeros[g]).to(torch.float16)  # small integers: exact in fp16
-        return (self.scales[g] * steps).float().t().contiguous()
+        return (self.scales.double()[g] * (self.codes - self.zeros[g]).double()).float().t().contiguous()
 
 
 @dataclass
@@ -95,6 +94,12 @@ def act_order_g_idx(in_features: int, group_size: int, generator: torch.Generato
     return g_idx
 
 
+def _three_significant_bits(x: torch.Tensor) -> torch.Tensor:
+    """Round to 3 significant bits, as fp16: times any 8-bit integer, the product is still exact in fp16."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.round(mantissa * 8) / 8, exponent).half()
+
+
 def quantize_rtn(weight: torch.Tensor, bits: int, g_idx: torch.Tensor, sym: bool) -> QuantizedLinear:
     """Round-to-nearest GPTQ quantization of ``weight`` (out x in) on the groups given by ``g_idx``.
 
@@ -108,10 +113,10 @@ def quantize_rtn(weight: torch.Tensor, bits: int, g_idx: torch.Tensor, sym: bool
     wmax = torch.stack([w[onehot[:, g]].max(0).values for g in range(groups)]).clamp(min=0)
     if sym:
         absmax = torch.maximum(wmax, -wmin).clamp(min=1e-8)
-        scales = (2 * absmax / maxq).half()
+        scales = _three_significant_bits(2 * absmax / maxq)
         zeros = torch.full_like(scales, (maxq + 1) // 2, dtype=torch.int64)
     else:
-        scales = ((wmax - wmin).clamp(min=1e-8) / maxq).half()
+        scales = _three_significant_bits((wmax - wmin).clamp(min=1e-8) / maxq)
         zeros = torch.round(-wmin / scales.double()).clamp(1, maxq).to(torch.int64)
     g = g_idx.long()
     codes = torch.round(w / scales.double()[g] + zeros[g]).clamp(0, maxq).to(torch.int64)

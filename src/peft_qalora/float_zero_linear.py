@@ -1,0 +1,120 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""A GPTQ linear layer with real-valued zero points: what a merged QA-LoRA layer becomes.
+
+It keeps the packed GPTQ codes (``qweight``), the fp16 ``scales`` and ``g_idx`` exactly as they were and holds
+the zero points as fp32 ``zeros`` (``z' = z - D / s``, DESIGN.md "The fold"). Its weight is
+``W[n, k] = scales[g, n] * (q[k, n] - zeros[g, n])`` with ``g = g_idx[k]``, computed in fp32.
+
+Forward: for a few rows (decoding) a 4-bit layer in fp32 uses torch's int4 kernel, whose per-group
+``w = (q - 8) * scale + offset`` takes a real-valued offset and is exact in fp32; otherwise (many rows, other bit
+widths, half precision, where the int4 kernel's half-precision offset would round the adapter away) it dequantizes
+in fp32 and multiplies.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .gptq import effective_group_size, unpack_qweight
+
+# Above this many rows the int4 kernel is slower than dequantize + matmul on CPU (measured in
+# benchmarks/merged_layer.py: ~24x faster at 1 row, on par at 16, 16x slower at 512).
+INT4_KERNEL_MAX_ROWS = 8
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class FloatZeroGPTQLinear(nn.Module):
+    """GPTQ layout (``qweight``, ``scales``, ``g_idx``) with fp32 zero points ``zeros`` (groups x out_features)."""
+
+    def __init__(
+        self, bits: int, group_size: int, in_features: int, out_features: int, bias: bool = False, pack_bits: int = 32
+    ) -> None:
+        super().__init__()
+        self.bits = bits
+        self.group_size = group_size
+        self.in_features = in_features
+        self.out_features = out_features
+        groups = in_features // effective_group_size(self)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // pack_bits, out_features, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.float32))
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // effective_group_size(self))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+        # Stock transformers knows no `peft_qalora` quant_method: it would build plain nn.Linear layers and fill
+        # them with random weights. This zero-size `weight` makes it stop with a size-mismatch error instead.
+        self.register_buffer("weight", torch.empty(0, dtype=torch.float16))
+        self._int4_cache: tuple | None = None
+
+    @classmethod
+    def from_gptq(cls, layer: nn.Module, zeros: torch.Tensor) -> FloatZeroGPTQLinear:
+        """A float-zero layer sharing ``layer``'s codes, scales, ``g_idx`` and bias, with the given ``zeros``."""
+        bias = getattr(layer, "bias", None)
+        with torch.device("meta"):
+            merged = cls(int(layer.bits), int(layer.group_size), int(layer.in_features), int(layer.out_features), bias is not None)
+        device = layer.scales.device
+        merged.qweight, merged.scales, merged.g_idx, merged.bias = layer.qweight, layer.scales, layer.g_idx, bias
+        merged.zeros = zeros.to(device=device, dtype=torch.float32).contiguous()
+        merged.weight = torch.empty(0, dtype=torch.float16, device=device)
+        return merged
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The dense weight as (in_features x out_features), fp32."""
+        g = self.g_idx.long()
+        codes = unpack_qweight(self.qweight, self.bits, self.in_features).float()
+        return self.scales.float()[g] * (codes - self.zeros[g])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_shape = x.shape[:-1] + (self.out_features,)
+        x = x.reshape(-1, self.in_features)
+        if self._use_int4_kernel(x):
+            order, packed, scales_and_offsets = self._int4_operands()
+            if order is not None:
+                x = x.index_select(1, order)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, self.group_size, scales_and_offsets)
+        else:
+            out = x @ self.dequantize_weight().to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(out_shape)
+
+    def _use_int4_kernel(self, x: torch.Tensor) -> bool:
+        return (
+            self.bits == 4
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.shape[0] <= INT4_KERNEL_MAX_ROWS
+            and self.group_size in INT4_KERNEL_GROUP_SIZES
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        )
+
+    def _int4_operands(self) -> tuple:
+        """Codes repacked for the int4 kernel (groups made contiguous) and per-group (scale, offset), cached."""
+        if self._int4_cache is None:
+            g = self.g_idx.long()
+            order = torch.argsort(g, stable=True)
+            codes = unpack_qweight(self.qweight, self.bits, self.in_features)
+            identity = bool(torch.equal(order, torch.arange(self.in_features, device=order.device)))
+            if not identity:
+                codes = codes.index_select(0, order)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
+            scales = self.scales.float()
+            # The kernel computes (q - 8) * scale + offset; s * (q - z') = (q - 8) * s + s * (8 - z').
+            scales_and_offsets = torch.stack([scales, scales * (8 - self.zeros)], dim=-1).contiguous()
+            self._int4_cache = (None if identity else order, packed, scales_and_offsets)
+        return self._int4_cache
+
+    def _apply(self, fn, recurse: bool = True):
+        self._int4_cache = None
+        return super()._apply(fn, recurse=recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._int4_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
