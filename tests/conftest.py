@@ -51,4 +51,4 @@ def load_gptq(path, backend=None, dtype=torch.float32):
 
 @pytest.fixture
 def input_ids():
-    return torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    return torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(1))

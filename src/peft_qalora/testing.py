@@ -63,7 +63,7 @@ class SyntheticGPTQ:
         return model
 
 
-def tiny_llama_config(hidden_size: int = 128, intermediate_size: int = 256, num_layers: int = 2, vocab_size: int = 256) -> dict:
+def tiny_llama_config(hidden_size: int = 128, intermediate_size: int = 256, num_layers: int = 2, vocab_size: int = 272) -> dict:
     """A Llama config small enough for CPU tests, with grouped-query attention."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -74,7 +74,7 @@ def tiny_llama_config(hidden_size: int = 128, intermediate_size: int = 256, num_
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": hidden_size // 4,
-        "vocab_size": vocab_size,
+        "vocab_size": vocab_size,  # at least len(byte_level_tokenizer()) = 259
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -82,8 +82,23 @@ def tiny_llama_config(hidden_size: int = 128, intermediate_size: int = 256, num_
         "hidden_act": "silu",
         "bos_token_id": 1,
         "eos_token_id": 2,
+        "pad_token_id": 2,
         "torch_dtype": "float16",
     }
+
+
+def byte_level_tokenizer():
+    """A complete fast tokenizer with no download: the 256 byte tokens plus ``<unk>``, ``<s>``, ``</s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def act_order_g_idx(in_features: int, group_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -191,4 +206,5 @@ def write_gptq_checkpoint(
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    byte_level_tokenizer().save_pretrained(path)
     return synthetic
