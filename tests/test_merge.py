@@ -136,15 +136,15 @@ def test_float_merge_saves_and_reloads_only_with_the_plugin(gptq_checkpoint, inp
 
 
 def test_integer_merge_report_matches_an_independent_computation(gptq_checkpoint):
-    synthetic = gptq_checkpoint(bits=4, act_order=True, sym=False, checkpoint_format="gptq_v2")
-    model = trained_model(synthetic, lora_alpha=256)  # large enough to move some zeros by a whole step
+    synthetic = gptq_checkpoint(bits=4, act_order=True, sym=True, checkpoint_format="gptq_v2")
+    model = trained_model(synthetic, lora_alpha=2)  # moves many zeros by whole steps, none off the grid
     error_sq = delta_sq = 0.0
     max_error = 0.0
     clamped = 0
     for name, layer in synthetic.layers.items():
         folded = expected_float_zeros(synthetic, model, name).double()
         rounded = torch.round(folded)
-        kept_in_range = rounded.clamp(0, 15)
+        kept_in_range = rounded.clamp(0, 15)  # the grid of a v2 checkpoint
         clamped += int((kept_in_range != rounded).sum())
         s = layer.scales.double()
         delta_sq += float((s * (layer.zeros - folded)).square().sum())
@@ -154,7 +154,7 @@ def test_integer_merge_report_matches_an_independent_computation(gptq_checkpoint
     report = merged.qalora_merge_report
     assert report.kept == pytest.approx(1 - (error_sq / delta_sq) ** 0.5, rel=1e-4)
     assert report.max_error_steps == pytest.approx(max_error, rel=1e-4)
-    assert report.clamped_groups == clamped
+    assert report.clamped_groups == clamped == 0
     assert len(report.layers) == len(synthetic.layers)
     assert 0 < report.kept < 1
 
@@ -173,7 +173,7 @@ def test_integer_merge_is_refused_by_default_and_changes_nothing(gptq_checkpoint
 
 def test_integer_merge_saves_a_standard_gptq_checkpoint(gptq_checkpoint, input_ids, tmp_path):
     synthetic = gptq_checkpoint(bits=4, sym=True, checkpoint_format="gptq")  # a v1 base: the resave trap
-    merged = trained_model(synthetic, lora_alpha=256).merge_and_unload(zero_format="int", max_rounding_loss=1.0)
+    merged = trained_model(synthetic, lora_alpha=2).merge_and_unload(zero_format="int", max_rounding_loss=1.0)
     with torch.no_grad():
         expected = merged(input_ids).logits
     q_proj = merged.get_submodule("model.layers.0.self_attn.q_proj")
@@ -212,8 +212,8 @@ def test_integer_merge_saves_a_standard_gptq_checkpoint(gptq_checkpoint, input_i
     gptqmodel_error = (torch.load(tmp_path / "gptqmodel.pt") - expected).abs().max().item()
     with torch.no_grad():
         merge_effect = (synthetic.dense_model()(input_ids).logits - expected).abs().max().item()
-    # fp16 rounding (~0.03 here) is far below what the merge changed; a misread zero format would not be.
-    assert gptqmodel_error < 0.1 < merge_effect, (gptqmodel_error, merge_effect)
+    # fp16 rounding is far below what the merge changed; a misread zero format would not be.
+    assert gptqmodel_error < 0.2 * merge_effect, (gptqmodel_error, merge_effect)
 
 
 def test_non_finite_adapter_is_refused(gptq_checkpoint, input_ids):

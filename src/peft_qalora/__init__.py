@@ -13,6 +13,7 @@ from .config import QALoraConfig
 from .float_zero_linear import FloatZeroGPTQLinear
 from .layer import QALoraLayer, QALoraLinear
 from .merge import MergeReport, RoundingLossError
+from .offline_merge import merge_checkpoint
 from .model import QALoraModel
 from .peft_type import QALORA
 from .quantizer import QALoraGPTQConfig, register_with_transformers
@@ -30,6 +31,7 @@ __all__ = [
     "QALoraModel",
     "RoundingLossError",
     "__version__",
+    "merge_checkpoint",
 ]
 
 if QALORA not in PEFT_TYPE_TO_CONFIG_MAPPING:  # a second import or a reload registers nothing twice

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
 from .peft_type import QALORA
@@ -22,6 +24,11 @@ TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     ),
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
 }
+
+
+def qalora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """The adapter's output scale: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rank-stabilized LoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 @dataclass
@@ -116,6 +123,12 @@ class QALoraConfig(PeftConfig):
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """``r`` and ``lora_alpha`` for one module, after ``rank_pattern`` and ``alpha_pattern``."""
+        r_key = get_pattern_key((self.rank_pattern or {}).keys(), module_name)
+        alpha_key = get_pattern_key((self.alpha_pattern or {}).keys(), module_name)
+        return (self.rank_pattern or {}).get(r_key, self.r), (self.alpha_pattern or {}).get(alpha_key, self.lora_alpha)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -168,16 +168,22 @@ def g_idx_digest(g_idx: torch.Tensor) -> str:
     return hashlib.sha256(g_idx.detach().to("cpu", torch.int32).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def layer_facts(layer: nn.Module) -> GPTQLayerFacts:
-    """Read bits, group size, shapes and the ``g_idx`` map from a GPTQ layer."""
-    group_size = effective_group_size(layer)
-    g_idx = layer.g_idx.detach().to(torch.int64)
-    canonical = torch.arange(layer.in_features, device=g_idx.device) // group_size
+def facts_from_tensors(bits: int, group_size: int, out_features: int, g_idx: torch.Tensor) -> GPTQLayerFacts:
+    """Layer facts from a checkpoint's tensors (``in_features`` is the length of ``g_idx``)."""
+    in_features = int(g_idx.numel())
+    group_size = in_features if group_size <= 0 else group_size
+    g_idx = g_idx.detach().to(torch.int64)
+    canonical = torch.arange(in_features, device=g_idx.device) // group_size
     return GPTQLayerFacts(
-        bits=int(layer.bits),
+        bits=int(bits),
         group_size=group_size,
-        in_features=int(layer.in_features),
-        out_features=int(layer.out_features),
+        in_features=in_features,
+        out_features=int(out_features),
         act_order=not torch.equal(g_idx, canonical),
         g_idx_sha256=g_idx_digest(g_idx),
     )
+
+
+def layer_facts(layer: nn.Module) -> GPTQLayerFacts:
+    """Read bits, group size, shapes and the ``g_idx`` map from a GPTQ layer."""
+    return facts_from_tensors(layer.bits, int(layer.group_size), layer.out_features, layer.g_idx)

@@ -15,7 +15,8 @@ from torch import nn
 
 from .float_zero_linear import FloatZeroGPTQLinear
 from .gptq import GPTQLayerFacts, is_gptq_layer, layer_facts, pack_qzeros
-from .merge import LayerRounding, fold, in_memory_zero_format, read_zero_points, round_zeros
+from .config import qalora_scaling
+from .merge import LayerRounding, fold, group_delta, in_memory_zero_format, read_zero_points, round_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class QALoraLayer(BaseTunerLayer):
             raise ValueError(f"`r` must be a positive integer, got {r}.")
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = qalora_scaling(lora_alpha, r, use_rslora)
         self.qalora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.qalora_A[adapter_name] = nn.Linear(self.num_groups, r, bias=False)
         self.qalora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
@@ -167,9 +168,8 @@ class QALoraLayer(BaseTunerLayer):
 
         ``W[n, k] + D[g_idx[k], n]`` is the adapted dense weight (DESIGN.md, "The adapter").
         """
-        A = self.qalora_A[adapter_name].weight.detach().float()
-        B = self.qalora_B[adapter_name].weight.detach().float()
-        return (self.scaling[adapter_name] / self.group_size) * (B @ A).t()
+        A, B = self.qalora_A[adapter_name].weight, self.qalora_B[adapter_name].weight
+        return group_delta(A, B, self.scaling[adapter_name], self.group_size)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter as a dense weight change (out x in), constant inside each quantization group."""

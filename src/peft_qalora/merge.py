@@ -50,6 +50,14 @@ def read_zero_points(layer: nn.Module, checkpoint_format: str | None) -> torch.T
     return unpack_qzeros(qzeros, int(layer.bits), int(layer.out_features), zero_format).float()
 
 
+def group_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, group_size: int) -> torch.Tensor:
+    """``D[g, n] = scaling * (B @ A)[n, g] / group_size``: the adapter's change to every weight of a group (fp32).
+
+    Both the in-memory and the offline merge call this, so they agree to the bit.
+    """
+    return (scaling / group_size) * (B.detach().float() @ A.detach().float()).t()
+
+
 def fold(zeros: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``z' = z - D / s``: the zero points that make ``s * (q - z')`` equal ``s * (q - z) + D`` (all groups x out)."""
     return zeros - delta / scales.float()
@@ -124,14 +132,33 @@ def round_zeros(
 
 
 class RoundingLossError(ValueError):
-    """A merge into integer zero points would lose more of the adapter than allowed."""
+    """A merge into integer zero points would lose more of the adapter than allowed, or leave the grid."""
 
     def __init__(self, report: MergeReport, max_rounding_loss: float) -> None:
         self.report = report
-        super().__init__(
-            f"Merging into integer zero points would lose {report.lost:.1%} of the adapter's effect (allowed: "
-            f"{max_rounding_loss:.1%}); nothing was changed. The adapter moves the zero points by less than the "
-            f"integer grid can express: {report.summary()}. Exact alternatives: `merge_and_unload()` (real-valued "
-            "zero points; loads with `import peft_qalora`), or serve the adapter unmerged with PEFT. Pass "
-            "`max_rounding_loss=1.0` to round anyway."
+        alternatives = (
+            "Exact alternatives: `merge_and_unload()` (real-valued zero points; loads with `import peft_qalora`), "
+            "or serve the adapter unmerged with PEFT."
         )
+        if report.clamped_groups:
+            clamping = [layer.name for layer in report.layers if layer.clamped_groups]
+            message = (
+                f"Merging into integer zero points would push {report.clamped_groups} zero points outside the "
+                f"quantization grid (in {clamping[:5]}{' ...' if len(clamping) > 5 else ''}); clamping them would "
+                f"change the weights arbitrarily, so nothing was changed. {alternatives}"
+            )
+        else:
+            message = (
+                f"Merging into integer zero points would lose {report.lost:.1%} of the adapter's effect (allowed: "
+                f"{max_rounding_loss:.1%}); nothing was changed. The adapter moves the zero points by less than the "
+                f"integer grid can express: {report.summary()}. {alternatives} Pass `max_rounding_loss=1.0` to round "
+                "anyway."
+            )
+        super().__init__(message)
+
+
+def check_rounding(report: MergeReport, max_rounding_loss: float) -> None:
+    """Log the report; refuse clamped zero points, or a loss above ``max_rounding_loss``."""
+    logger.info("QA-LoRA merge: %s", report.summary())
+    if report.clamped_groups or report.lost > max_rounding_loss:
+        raise RoundingLossError(report, max_rounding_loss)

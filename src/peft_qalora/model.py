@@ -13,7 +13,6 @@ from peft.tuners.tuners_utils import (
     check_adapters_to_merge,
     check_target_module_exists,
 )
-from peft.utils.other import get_pattern_key
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -21,7 +20,7 @@ from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALora
 from .float_zero_linear import FloatZeroGPTQLinear
 from .gptq import is_gptq_layer, layer_facts
 from .layer import LayerFold, QALoraLayer, QALoraLinear, check_group_layout
-from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, RoundingLossError, read_zero_points
+from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, read_zero_points
 from .quantizer import QALoraGPTQConfig, QALoraGPTQHfQuantizer
 
 logger = logging.getLogger(__name__)
@@ -154,11 +153,10 @@ class QALoraModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        r_key = get_pattern_key(peft_config.rank_pattern.keys(), current_key)
-        alpha_key = get_pattern_key(peft_config.alpha_pattern.keys(), current_key)
+        r, lora_alpha = peft_config.rank_and_alpha(current_key)
         kwargs = {
-            "r": peft_config.rank_pattern.get(r_key, peft_config.r),
-            "lora_alpha": peft_config.alpha_pattern.get(alpha_key, peft_config.lora_alpha),
+            "r": r,
+            "lora_alpha": lora_alpha,
             "lora_dropout": peft_config.lora_dropout,
             "init_lora_weights": peft_config.init_lora_weights,
             "use_rslora": peft_config.use_rslora,
@@ -215,7 +213,8 @@ class QALoraModel(BaseTuner):
                 ``import peft_qalora``. ``"int"`` rounds the zero points to the GPTQ grid, which stock GPTQ
                 loaders read, but usually loses most of a trained adapter; the loss is measured first.
             max_rounding_loss: With ``zero_format="int"``, refuse (raising :class:`RoundingLossError`, model
-                unchanged) when rounding would lose more than this share of the adapter's effect.
+                unchanged) when rounding would lose more than this share of the adapter's effect. Zero points
+                pushed outside the grid are always refused.
 
         Returns:
             The merged transformers model. After an integer merge its ``qalora_merge_report`` attribute holds the
@@ -246,9 +245,7 @@ class QALoraModel(BaseTuner):
         report = None
         if zero_format == "int":
             report = MergeReport([layer_fold.rounding for layer_fold in folds.values()])
-            logger.info("QA-LoRA merge: %s", report.summary())
-            if report.lost > max_rounding_loss:
-                raise RoundingLossError(report, max_rounding_loss)
+            check_rounding(report, max_rounding_loss)
         for name, layer_fold in folds.items():
             layers[name].apply_fold(layer_fold)
         return report

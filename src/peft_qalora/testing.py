@@ -148,10 +148,12 @@ def write_gptq_checkpoint(
     checkpoint_format: str = "gptq",
     seed: int = 0,
     config: dict | None = None,
+    shards: int = 1,
 ) -> SyntheticGPTQ:
     """Write a GPTQ-quantized random Llama checkpoint to ``path`` and return its exact content.
 
-    The folder loads with ``AutoModelForCausalLM.from_pretrained(path)`` through optimum and GPTQModel.
+    The folder loads with ``AutoModelForCausalLM.from_pretrained(path)`` through optimum and GPTQModel. With
+    ``shards > 1`` the tensors are split over that many files with a ``model.safetensors.index.json``.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -189,7 +191,7 @@ def write_gptq_checkpoint(
             tensors[key] = value.detach().to(torch.float16).contiguous()
             # The dense reference uses exactly what the checkpoint stores.
             synthetic.dense_state_dict[key] = tensors[key].float()
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(path, tensors, shards)
 
     config["quantization_config"] = {
         "quant_method": "gptq",
@@ -208,3 +210,20 @@ def write_gptq_checkpoint(
         json.dump(config, f, indent=2)
     byte_level_tokenizer().save_pretrained(path)
     return synthetic
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], shards: int = 1) -> None:
+    """Write ``tensors`` as ``model.safetensors``, or split in order over ``shards`` files with an index."""
+    if shards == 1:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i * len(names) // shards : (i + 1) * len(names) // shards]
+        save_file({name: tensors[name] for name in part}, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    total_size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)

@@ -1,0 +1,210 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""Offline merge: fold a saved QA-LoRA adapter into a GPTQ checkpoint on disk, shard by shard.
+
+For models that do not fit anywhere twice. Only zero-point tensors change (``qweight`` never does), so every
+other tensor is copied byte for byte and peak memory stays near one tensor. The output is the checkpoint that
+``merge_and_unload()`` followed by ``save_pretrained()`` writes for the same inputs, tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Optional
+
+import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    SAFETENSORS_INDEX,
+    GPTQTensorNames,
+    atomic_folder,
+    check_output_folder,
+    gptq_modules,
+    gptq_quantization,
+    read_config,
+    read_tensors,
+    shard_files,
+    tensor_names,
+    write_shard,
+)
+from .config import QALoraConfig, qalora_scaling
+from .gptq import facts_from_tensors, pack_qzeros, unpack_qzeros
+from .layer import check_group_layout
+from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, fold, group_delta, round_zeros
+from .quantizer import QALoraGPTQConfig
+
+logger = logging.getLogger(__name__)
+
+_ADAPTER_PREFIX = "base_model.model."
+# Files a merged folder must not inherit: weights and configs are rewritten, and the base's model card and
+# GPTQModel's quantize_config.json would describe the wrong model.
+_NOT_COPIED = {"config.json", SAFETENSORS_INDEX, "README.md", "quantize_config.json"}
+
+
+def _adapter_layers(adapter_dir: str, config: QALoraConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module name: (A, B)}`` from a saved QA-LoRA adapter."""
+    if config.modules_to_save:
+        raise ValueError(
+            f"The adapter in {adapter_dir} trains whole modules ({config.modules_to_save}) besides QA-LoRA layers; "
+            "the offline merge folds only QA-LoRA layers. Merge it in memory with `merge_and_unload()` instead."
+        )
+    weights = load_file(os.path.join(adapter_dir, SAFETENSORS_WEIGHTS_NAME))
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        module, _, part = key.removeprefix(_ADAPTER_PREFIX).rpartition(".qalora_")
+        if part in ("A.weight", "B.weight"):
+            layers.setdefault(module, {})[part[0]] = tensor
+    incomplete = [module for module, parts in layers.items() if set(parts) != {"A", "B"}]
+    if not layers or incomplete:
+        raise ValueError(f"{adapter_dir} holds no complete QA-LoRA layers (incomplete: {incomplete[:5]}).")
+    return {module: (parts["A"], parts["B"]) for module, parts in layers.items()}
+
+
+def merge_checkpoint(
+    base_dir: str,
+    adapter_dir: str,
+    out_dir: str,
+    *,
+    zero_format: str = "float",
+    max_rounding_loss: float = DEFAULT_MAX_ROUNDING_LOSS,
+    overwrite: bool = False,
+    progressbar: bool = True,
+) -> Optional[MergeReport]:
+    """Merge the QA-LoRA adapter in ``adapter_dir`` into the GPTQ checkpoint in ``base_dir``, writing ``out_dir``.
+
+    Args:
+        base_dir: A GPTQ checkpoint folder (``config.json`` + safetensors, single file or sharded).
+        adapter_dir: What ``save_pretrained`` wrote for the QA-LoRA model.
+        out_dir: The merged model folder; written atomically (nothing appears there if the merge fails).
+        zero_format: ``"float"`` (exact, a ``peft_qalora`` checkpoint) or ``"int"`` (a standard ``gptq_v2``
+            checkpoint, with the rounding loss measured first), as in ``merge_and_unload``.
+        max_rounding_loss: With ``zero_format="int"``, refuse when rounding loses more than this share.
+        overwrite: Replace a non-empty ``out_dir``.
+        progressbar: Show progress bars.
+
+    Returns:
+        The :class:`MergeReport` of an integer merge, ``None`` for a float merge.
+    """
+    if zero_format not in ZERO_FORMATS:
+        raise ValueError(f"zero_format must be one of {ZERO_FORMATS}, got {zero_format!r}.")
+    quantization = gptq_quantization(base_dir)
+    config = QALoraConfig.from_pretrained(adapter_dir)
+    adapter = _adapter_layers(adapter_dir, config)
+    check_output_folder(out_dir, overwrite)
+
+    files, index = shard_files(base_dir)
+    located = {name: file for file in files for name in tensor_names(os.path.join(base_dir, file))}
+    modules = gptq_modules(list(located))
+    unknown = sorted(set(adapter) - set(modules))
+    if unknown:
+        raise ValueError(
+            f"The adapter has layers that are not GPTQ layers of {base_dir}: {unknown[:5]}; it was trained on "
+            "another base model."
+        )
+
+    zeros, report = _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, zero_format, progressbar)
+    if report is not None:
+        check_rounding(report, max_rounding_loss)
+
+    with atomic_folder(out_dir) as tmp:
+        weight_map = {}
+        for file in tqdm(files, disable=not progressbar, desc="Writing merged shards"):
+            plan = _shard_plan(tensor_names(os.path.join(base_dir, file)), zeros, zero_format)
+            write_shard(os.path.join(base_dir, file), os.path.join(tmp, file), plan)
+            weight_map.update(dict.fromkeys((name for name, _ in plan), file))
+        if index is not None:
+            total_size = sum(os.path.getsize(os.path.join(tmp, file)) for file in files)
+            with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
+                json.dump({"metadata": {**index.get("metadata", {}), "total_size": total_size}, "weight_map": weight_map}, f, indent=2)
+        _write_config(base_dir, tmp, quantization, modules, zero_format)
+        for name in sorted(os.listdir(base_dir)):
+            path = os.path.join(base_dir, name)
+            if os.path.isfile(path) and name not in _NOT_COPIED and name not in files:
+                shutil.copy2(path, os.path.join(tmp, name))
+    logger.info("Merged %d layers of %s with %s into %s", len(adapter), base_dir, adapter_dir, out_dir)
+    return report
+
+
+def _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, zero_format, progressbar):
+    """New zero tensors for every GPTQ layer (validated against the adapter), and the rounding report."""
+    bits, group_size = int(quantization["bits"]), int(quantization["group_size"])
+    checkpoint_format = quantization["checkpoint_format"]
+    recorded = config.base_layers or {}
+    zeros: dict[str, torch.Tensor] = {}
+    roundings = []
+    problems: list[str] = []
+    for module in tqdm(modules, disable=not progressbar, desc="Folding adapter into zero points"):
+        names = GPTQTensorNames(module)
+        tensors = {}
+        for name in (names.qzeros, names.scales, names.g_idx):
+            tensors.update(read_tensors(os.path.join(base_dir, located[name]), [name]))
+        scales, g_idx = tensors[names.scales], tensors[names.g_idx]
+        facts = facts_from_tensors(bits, group_size, scales.shape[1], g_idx)
+        original = unpack_qzeros(tensors[names.qzeros], bits, facts.out_features, checkpoint_format).float()
+        folded = original
+        if module in adapter:
+            A, B = adapter[module]
+            problem = check_group_layout(facts, g_idx)
+            mismatches = facts.mismatches(recorded.get(module, {}))
+            if problem or mismatches or A.shape[1] != facts.num_groups or B.shape[0] != facts.out_features:
+                problems.append(f"{module}: {problem or '; '.join(mismatches) or f'adapter shapes {tuple(A.shape)}, {tuple(B.shape)}'}")
+                continue
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                problems.append(f"{module}: the adapter weights contain NaN or inf")
+                continue
+            r, lora_alpha = config.rank_and_alpha(module)
+            delta = group_delta(A, B, qalora_scaling(lora_alpha, r, config.use_rslora), facts.group_size)
+            folded = fold(original, scales, delta)
+        if zero_format == "float":
+            zeros[module] = folded
+            continue
+        rounded, rounding = round_zeros(module, folded, original, scales, bits, lowest=0)
+        zeros[module] = pack_qzeros(rounded, bits, "gptq_v2")
+        if module in adapter:
+            roundings.append(rounding)
+    if problems:
+        raise ValueError(
+            f"The adapter does not match the GPTQ checkpoint {base_dir}; nothing was written:\n  " + "\n  ".join(problems[:8])
+        )
+    return zeros, (MergeReport(roundings) if zero_format == "int" else None)
+
+
+def _shard_plan(names: list[str], zeros: dict[str, torch.Tensor], zero_format: str) -> list:
+    """Output tensors of one shard: each ``qzeros`` replaced, everything else copied as it is."""
+    plan = []
+    for name in names:
+        module = name.removesuffix(".qzeros")
+        if module == name or module not in zeros:
+            plan.append((name, name))
+        elif zero_format == "float":
+            # The layout FloatZeroGPTQLinear saves: fp32 `zeros`, and a zero-size `weight` that stops stock loaders.
+            plan.append((f"{module}.zeros", zeros[module]))
+            plan.append((f"{module}.weight", torch.empty(0, dtype=torch.float16)))
+        else:
+            plan.append((name, zeros[module]))
+    return plan
+
+
+def _write_config(base_dir: str, out_dir: str, quantization: dict, modules: list[str], zero_format: str) -> None:
+    config = read_config(base_dir)
+    if zero_format == "float":
+        config["quantization_config"] = QALoraGPTQConfig(
+            bits=quantization["bits"],
+            group_size=quantization["group_size"],
+            desc_act=quantization.get("desc_act", False),
+            sym=quantization.get("sym", True),
+            modules=modules,
+            base_checkpoint_format=quantization["checkpoint_format"],
+        ).to_dict()
+    else:
+        # Zeros are written as v2, and moved zeros are no longer the symmetric midpoint.
+        config["quantization_config"].update(checkpoint_format="gptq_v2", sym=False)
+        if "format" in config["quantization_config"]:
+            config["quantization_config"]["format"] = "gptq_v2"
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
