@@ -119,20 +119,42 @@ def write_shard(source: str, destination: str, plan: list[tuple[str, TensorSourc
     encoded = json.dumps(out_header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it
 
-    with open(source, "rb") as src, open(destination, "wb") as dst:
-        dst.write(struct.pack("<Q", len(encoded)))
-        dst.write(encoded)
+    with open(source, "rb", buffering=0) as src, open(destination, "wb", buffering=0) as dst:
+        _write_all(dst, struct.pack("<Q", len(encoded)) + encoded)
         for _, item in plan:
             if isinstance(item, str):
                 begin, end = header[item]["data_offsets"]
-                src.seek(data_start + begin)
-                remaining = end - begin
-                while remaining:
-                    chunk = src.read(min(_COPY_CHUNK, remaining))
-                    dst.write(chunk)
-                    remaining -= len(chunk)
+                _copy_range(src.fileno(), dst.fileno(), data_start + begin, end - begin)
             elif item.numel():
-                dst.write(item.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                _write_all(dst, item.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def _write_all(file, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view) :]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
+    """Append ``size`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``; in the kernel where the OS allows."""
+    copy_file_range = getattr(os, "copy_file_range", None)  # Linux: no trip through user space
+    while size:
+        copied = 0
+        if copy_file_range is not None:
+            try:
+                copied = copy_file_range(src_fd, dst_fd, size, offset)
+            except OSError:
+                copy_file_range = None
+        if not copied:
+            chunk = os.pread(src_fd, min(_COPY_CHUNK, size), offset)
+            if not chunk:
+                raise OSError(f"unexpected end of file while copying {size} more bytes")
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(dst_fd, view) :]
+            copied = len(chunk)
+        offset += copied
+        size -= copied
 
 
 def check_output_folder(out_dir: str, overwrite: bool) -> None:

@@ -157,11 +157,15 @@ class QALoraLayer(BaseTunerLayer):
             else:
                 nn.init.zeros_(B)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of ``x`` over each quantization group: (..., in_features) -> (..., num_groups)."""
+    def group_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x`` over each quantization group: (..., in_features) -> (..., num_groups).
+
+        QA-LoRA pools with the group mean; the forward applies the ``1 / group_size`` with the output scale, so that
+        the backward of the pooling is a free broadcast rather than a full-size division.
+        """
         if self.qalora_group_order is not None:
             x = x.index_select(-1, self.qalora_group_order)
-        return x.unflatten(-1, (self.num_groups, self.group_size)).mean(-1)
+        return x.unflatten(-1, (self.num_groups, self.group_size)).sum(-1)
 
     def group_delta(self, adapter_name: str) -> torch.Tensor:
         """``D[g, n]``: the adapter's change to every weight of group ``g`` in output ``n`` (groups x out, fp32).
@@ -257,8 +261,15 @@ class QALoraLinear(nn.Module, QALoraLayer):
             A = self.qalora_A[active_adapter]
             B = self.qalora_B[active_adapter]
             dropout = self.qalora_dropout[active_adapter]
-            pooled = self.pool(dropout(self._cast_input_dtype(x, A.weight.dtype)))
-            result = result + (B(A(pooled)) * self.scaling[active_adapter]).to(result.dtype)
+            hidden = A(self.group_sums(dropout(self._cast_input_dtype(x, A.weight.dtype))))
+            alpha = self.scaling[active_adapter] / self.group_size  # the group mean's 1/group_size, and the scale
+            if hidden.dtype == result.dtype:
+                # One fused op for B, the scale and the residual add: the (tokens x out_features) tensors dominate
+                # the adapter's cost (benchmarks/train_step.py).
+                flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]), B.weight.t(), alpha=alpha)
+                result = flat.view(result.shape)
+            else:
+                result = result + (B(hidden) * alpha).to(result.dtype)
         return result
 
     def _check_gradient_path(self, x: torch.Tensor, result: torch.Tensor) -> None:

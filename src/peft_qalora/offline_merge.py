@@ -107,7 +107,12 @@ def merge_checkpoint(
             "another base model."
         )
 
-    zeros, report = _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, zero_format, progressbar)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few small ops per layer: a thread pool only adds wake-up latency
+    try:
+        zeros, report = _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, zero_format, progressbar)
+    finally:
+        torch.set_num_threads(threads)
     if report is not None:
         check_rounding(report, max_rounding_loss)
 
