@@ -36,9 +36,13 @@ logger = logging.getLogger("merged_layer")
 LLAMA_7B_SHAPES = {"q/k/v/o_proj": (4096, 4096), "gate/up_proj": (4096, 11008), "down_proj": (11008, 4096)}
 
 
-def gptq_layer(in_features: int, out_features: int, bits: int, group_size: int, generator: torch.Generator) -> TorchLinear:
+def gptq_layer(
+    in_features: int, out_features: int, bits: int, group_size: int, generator: torch.Generator
+) -> TorchLinear:
     """A GPTQModel TorchLinear with random codes, zeros and scales (v2 zeros, as GPTQModel holds them)."""
-    layer = TorchLinear(bits=bits, group_size=group_size, sym=False, desc_act=False, in_features=in_features, out_features=out_features)
+    layer = TorchLinear(
+        bits=bits, group_size=group_size, sym=False, desc_act=False, in_features=in_features, out_features=out_features
+    )
     groups = in_features // group_size
     maxq = (1 << bits) - 1
     layer.qweight = pack_qweight(torch.randint(0, maxq + 1, (in_features, out_features), generator=generator), bits)
@@ -70,7 +74,13 @@ def main() -> None:
     rows_out = []
     for shape_name, (in_features, out_features) in LLAMA_7B_SHAPES.items():
         base = gptq_layer(in_features, out_features, args.bits, args.group_size, generator)
-        adapted = QALoraLinear(gptq_layer(in_features, out_features, args.bits, args.group_size, generator), "default", r=args.r, lora_alpha=args.r, init_lora_weights=False).eval()
+        adapted = QALoraLinear(
+            gptq_layer(in_features, out_features, args.bits, args.group_size, generator),
+            "default",
+            r=args.r,
+            lora_alpha=args.r,
+            init_lora_weights=False,
+        ).eval()
         adapted.base_layer.load_state_dict(base.state_dict())
         zeros = fold(read_zero_points(base, "gptq_v2"), base.scales, adapted.group_delta("default"))
         merged = FloatZeroGPTQLinear.from_gptq(base, zeros)
@@ -90,8 +100,10 @@ def main() -> None:
             logger.info("%s rows=%d: %s", shape_name, rows, {k: f"{v * 1e3:.2f} ms" for k, v in medians.items()})
             rows_out.append((shape_name, rows, medians, error))
 
-    print(f"\nCPU fp32, torch {torch.__version__}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}); "
-          f"{args.bits}-bit g{args.group_size}, r={args.r}; medians of {args.repeats} interleaved runs")
+    print(
+        f"\nCPU fp32, torch {torch.__version__}, {os.cpu_count()} cores ({platform.machine()}); "
+        f"{args.bits}-bit g{args.group_size}, r={args.r}; medians of {args.repeats} interleaved runs"
+    )
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n")
     print("| layer (in x out) | rows | base ms | base + adapter ms | merged ms | merged / base | merged rel. error |")
     print("|---|---|---|---|---|---|---|")

@@ -54,7 +54,9 @@ print(time.perf_counter() - start, rss_mb("VmHWM"), after_imports)
 """
 
 
-def write_checkpoint(folder: str, layers: int, shards: int, hidden: int, intermediate: int, vocab: int, group_size: int) -> list[str]:
+def write_checkpoint(
+    folder: str, layers: int, shards: int, hidden: int, intermediate: int, vocab: int, group_size: int
+) -> list[str]:
     """A random 4-bit GPTQ Llama checkpoint, written shard by shard; returns the adapted module names."""
     sizes = {"hidden": hidden, "intermediate": intermediate}
     generator = torch.Generator().manual_seed(0)
@@ -71,9 +73,15 @@ def write_checkpoint(folder: str, layers: int, shards: int, hidden: int, interme
                 in_features, out_features = sizes[in_name], sizes[out_name]
                 name = f"model.layers.{layer}.{projection}"
                 groups = in_features // group_size
-                tensors[f"{name}.qweight"] = torch.randint(-(2**31), 2**31 - 1, (in_features // 8, out_features), generator=generator, dtype=torch.int32)
-                tensors[f"{name}.qzeros"] = torch.full((groups, out_features // 8), 0x77777777, dtype=torch.int32)  # v1 z=8
-                tensors[f"{name}.scales"] = (torch.rand(groups, out_features, generator=generator) * 0.01 + 0.001).half()
+                tensors[f"{name}.qweight"] = torch.randint(
+                    -(2**31), 2**31 - 1, (in_features // 8, out_features), generator=generator, dtype=torch.int32
+                )
+                tensors[f"{name}.qzeros"] = torch.full(
+                    (groups, out_features // 8), 0x77777777, dtype=torch.int32
+                )  # v1 z=8
+                tensors[f"{name}.scales"] = (
+                    torch.rand(groups, out_features, generator=generator) * 0.01 + 0.001
+                ).half()
                 tensors[f"{name}.g_idx"] = (torch.arange(in_features) // group_size).to(torch.int32)
                 modules.append(name)
             for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -89,7 +97,14 @@ def write_checkpoint(folder: str, layers: int, shards: int, hidden: int, interme
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     config = tiny_llama_config(hidden_size=hidden, intermediate_size=intermediate, num_layers=layers, vocab_size=vocab)
     config.update(num_attention_heads=32, num_key_value_heads=32, head_dim=hidden // 32)
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+    config["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": group_size,
+        "desc_act": False,
+        "sym": True,
+        "checkpoint_format": "gptq",
+    }
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     return modules
@@ -97,12 +112,18 @@ def write_checkpoint(folder: str, layers: int, shards: int, hidden: int, interme
 
 def write_adapter(folder: str, modules: list[str], sizes: dict, r: int, group_size: int) -> None:
     generator = torch.Generator().manual_seed(1)
-    QALoraConfig(r=r, lora_alpha=r, target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules})).save_pretrained(folder)
+    QALoraConfig(r=r, lora_alpha=r, target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules})).save_pretrained(
+        folder
+    )
     tensors = {}
     for name in modules:
         in_name, out_name = PROJECTIONS[name.split(".", 3)[3]]
-        tensors[f"base_model.model.{name}.qalora_A.weight"] = torch.randn(r, sizes[in_name] // group_size, generator=generator) * 0.01
-        tensors[f"base_model.model.{name}.qalora_B.weight"] = torch.randn(sizes[out_name], r, generator=generator) * 0.01
+        tensors[f"base_model.model.{name}.qalora_A.weight"] = (
+            torch.randn(r, sizes[in_name] // group_size, generator=generator) * 0.01
+        )
+        tensors[f"base_model.model.{name}.qalora_B.weight"] = (
+            torch.randn(sizes[out_name], r, generator=generator) * 0.01
+        )
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
 
 
@@ -116,7 +137,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: system temp)")
+    parser.add_argument(
+        "--workdir", default=None, help="where to write the temporary checkpoints (default: system temp)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = {"hidden": 4096, "intermediate": 11008}
@@ -124,7 +147,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         base, adapter = os.path.join(tmp, "base"), os.path.join(tmp, "adapter")
         os.makedirs(base)
-        modules = write_checkpoint(base, args.layers, args.shards, sizes["hidden"], sizes["intermediate"], 32000, args.group_size)
+        modules = write_checkpoint(
+            base, args.layers, args.shards, sizes["hidden"], sizes["intermediate"], 32000, args.group_size
+        )
         write_adapter(adapter, modules, sizes, 16, args.group_size)
         size_gb = folder_bytes(base) / 1e9
         copy_times, merge_times, peaks = [], [], []
@@ -136,17 +161,28 @@ def main() -> None:
             shutil.rmtree(target)
             target = os.path.join(tmp, "merged")
             env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
-            done = subprocess.run([sys.executable, "-c", MERGE_IN_CHILD, base, adapter, target], capture_output=True, text=True, env=env, check=True)
+            done = subprocess.run(
+                [sys.executable, "-c", MERGE_IN_CHILD, base, adapter, target],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             seconds, peak_mb, imports_mb = map(float, done.stdout.split()[-3:])
             merge_times.append(seconds)
             peaks.append(peak_mb)
             baseline = imports_mb
             shutil.rmtree(target)
-            logger.info("repeat %d: copy %.1f s, merge %.1f s, merge peak RSS %.0f MB", repeat, copy_times[-1], seconds, peak_mb)
+            logger.info(
+                "repeat %d: copy %.1f s, merge %.1f s, merge peak RSS %.0f MB", repeat, copy_times[-1], seconds, peak_mb
+            )
 
     copy, merge = statistics.median(copy_times), statistics.median(merge_times)
-    print(f"\n{len(modules)} GPTQ layers, {args.shards} shards, {args.layers} layers of Llama-2-7B shapes, 4-bit g{args.group_size}; "
-          f"{os.cpu_count()} cores; medians of {args.repeats} interleaved runs")
+    print(
+        f"\n{len(modules)} GPTQ layers in {args.layers} Llama-2-7B-shaped blocks, {args.shards} shards, "
+        f"4-bit g{args.group_size}; "
+        f"{os.cpu_count()} cores; medians of {args.repeats} interleaved runs"
+    )
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n")
     print(f"| {size_gb:.2f} GB checkpoint | wall s | ratio to copy | peak RSS MB (of which imports) |")
     print("|---|---|---|---|")

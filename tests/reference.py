@@ -5,7 +5,6 @@ dequantized GPTQ weight (from the codes the test itself wrote) plus the group-co
 input channel, ``dW[n, k] = scaling * (B @ A)[n, g_idx[k]] / group_size``.
 """
 
-import torch
 from torch import nn
 
 

@@ -47,7 +47,9 @@ def test_model_that_is_not_quantized():
 def test_in_features_not_a_multiple_of_the_group_size(gptq_checkpoint):
     synthetic = gptq_checkpoint(bits=4, group_size=32, config=tiny_llama_config(intermediate_size=80))
     model = load_gptq(synthetic.path)
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj: in_features=80 is not a multiple of group_size=32"):
+    with pytest.raises(
+        ValueError, match=r"model.layers.0.mlp.down_proj: in_features=80 is not a multiple of group_size=32"
+    ):
         get_peft_model(model, QALoraConfig(target_modules="all-linear"))
     assert_untouched(model)
 
@@ -69,7 +71,10 @@ def saved_adapter(tmp_path_factory, gptq_checkpoint):
         (dict(bits=4, group_size=16, act_order=True, seed=0), r"group_size: adapter trained with 32, base has 16"),
         (dict(bits=4, act_order=True, seed=1), r"g_idx_sha256: adapter trained with '[0-9a-f]+', base has"),
         (dict(bits=4, act_order=False, seed=0), r"act_order: adapter trained with True, base has False"),
-        (dict(bits=4, act_order=True, config=tiny_llama_config(hidden_size=64)), r"in_features: adapter trained with 128, base has 64"),
+        (
+            dict(bits=4, act_order=True, config=tiny_llama_config(hidden_size=64)),
+            r"in_features: adapter trained with 128, base has 64",
+        ),
     ],
     ids=["bits", "group_size", "act_order_map", "no_act_order", "shapes"],
 )

@@ -21,8 +21,13 @@ def test_pack_matches_gptqmodel(bits):
     # A dense weight whose round-to-nearest codes on these scales and zeros are exactly `codes`.
     weight = (scales[g_idx.long()].float() * (codes - zeros[g_idx.long()]).float()).t()
     reference = TorchLinear(
-        bits=bits, group_size=group_size, sym=False, desc_act=False,
-        in_features=in_features, out_features=out_features, bias=False,
+        bits=bits,
+        group_size=group_size,
+        sym=False,
+        desc_act=False,
+        in_features=in_features,
+        out_features=out_features,
+        bias=False,
     )
     linear = torch.nn.Linear(in_features, out_features, bias=False)
     linear.weight.data = weight

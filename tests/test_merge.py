@@ -188,7 +188,9 @@ def test_integer_merge_saves_a_standard_gptq_checkpoint(gptq_checkpoint, input_i
     assert config["quant_method"] == "gptq" and config["checkpoint_format"] == "gptq_v2" and config["sym"] is False
     from safetensors.torch import load_file
 
-    stored = unpack_qzeros(load_file(tmp_path / "merged" / "model.safetensors")["model.layers.0.self_attn.q_proj.qzeros"], 4, 128)
+    stored = unpack_qzeros(
+        load_file(tmp_path / "merged" / "model.safetensors")["model.layers.0.self_attn.q_proj.qzeros"], 4, 128
+    )
     assert (stored != synthetic.layers["model.layers.0.self_attn.q_proj"].zeros).any()  # the merge moved zeros
 
     # Stock transformers, no plugin: the same model.
@@ -206,7 +208,9 @@ def test_integer_merge_saves_a_standard_gptq_checkpoint(gptq_checkpoint, input_i
         with torch.no_grad():
             torch.save(model.model(torch.load(sys.argv[2])).logits.float(), sys.argv[3])
         """,
-        str(tmp_path / "merged"), str(tmp_path / "ids.pt"), str(tmp_path / "gptqmodel.pt"),
+        str(tmp_path / "merged"),
+        str(tmp_path / "ids.pt"),
+        str(tmp_path / "gptqmodel.pt"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     gptqmodel_error = (torch.load(tmp_path / "gptqmodel.pt") - expected).abs().max().item()
@@ -221,7 +225,9 @@ def test_non_finite_adapter_is_refused(gptq_checkpoint, input_ids):
     layer = model.get_base_model().get_submodule("model.layers.1.mlp.down_proj")
     with torch.no_grad():
         layer.qalora_B["default"].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj: adapter\(s\) \['default'\] contain NaN or inf"):
+    with pytest.raises(
+        ValueError, match=r"model.layers.1.mlp.down_proj: adapter\(s\) \['default'\] contain NaN or inf"
+    ):
         model.merge_and_unload()
     assert not any(isinstance(m, QALoraLinear) and m.merged for m in model.modules())
 

@@ -19,7 +19,9 @@ from peft_qalora.testing import tiny_llama_config
 def save_adapter(synthetic, folder, lora_alpha=8, scale_B=1.0):
     base = load_gptq(synthetic.path)
     torch.manual_seed(0)
-    model = get_peft_model(base, QALoraConfig(r=4, lora_alpha=lora_alpha, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        base, QALoraConfig(r=4, lora_alpha=lora_alpha, target_modules="all-linear", init_lora_weights=False)
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "qalora_B" in name:
@@ -92,7 +94,12 @@ def test_cli_merge(gptq_checkpoint, tmp_path):
     again = subprocess.run(cli, capture_output=True, text=True, env=env)
     assert again.returncode == 2
     assert "already exists and is not empty" in again.stderr and "--overwrite" in again.stderr
-    done = subprocess.run(cli + ["--overwrite", "--zero-format", "int", "--max-rounding-loss", "1"], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        cli + ["--overwrite", "--zero-format", "int", "--max-rounding-loss", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "integer zero points keep" in done.stdout
 
@@ -143,7 +150,9 @@ def test_base_that_is_not_gptq(gptq_checkpoint, tmp_path):
     synthetic = gptq_checkpoint(bits=4)
     adapter = save_adapter(synthetic, tmp_path / "adapter")
     merge_checkpoint(synthetic.path, adapter, str(tmp_path / "merged"), progressbar=False)
-    with pytest.raises(ValueError, match=r"is not a GPTQ checkpoint \(quantization_config.quant_method is 'peft_qalora'"):
+    with pytest.raises(
+        ValueError, match=r"is not a GPTQ checkpoint \(quantization_config.quant_method is 'peft_qalora'"
+    ):
         merge_checkpoint(str(tmp_path / "merged"), adapter, str(tmp_path / "out"), progressbar=False)
 
 
@@ -158,7 +167,9 @@ def test_integer_merge_that_would_clamp(gptq_checkpoint, tmp_path):
     synthetic = gptq_checkpoint(bits=4, sym=False)
     adapter = save_adapter(synthetic, tmp_path / "adapter", scale_B=1000.0)
     with pytest.raises(RoundingLossError, match=r"push \d+ zero points outside the quantization grid"):
-        merge_checkpoint(synthetic.path, adapter, str(tmp_path / "out"), zero_format="int", max_rounding_loss=1.0, progressbar=False)
+        merge_checkpoint(
+            synthetic.path, adapter, str(tmp_path / "out"), zero_format="int", max_rounding_loss=1.0, progressbar=False
+        )
     assert not os.path.exists(tmp_path / "out")
 
 

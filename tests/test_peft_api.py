@@ -46,7 +46,12 @@ def test_save_and_reload_give_identical_logits(trained, tmp_path, input_ids):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "QALORA"
     assert config["base_quantization"] == {
-        "quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False, "checkpoint_format": "gptq"
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "desc_act": True,
+        "sym": False,
+        "checkpoint_format": "gptq",
     }
     q_proj = config["base_layers"]["model.layers.0.self_attn.q_proj"]
     assert q_proj["bits"] == 4 and q_proj["group_size"] == 32 and q_proj["act_order"] is True

@@ -23,7 +23,9 @@ def loss_of(logits, input_ids):
 
 
 @pytest.mark.parametrize("bits,act_order,sym,checkpoint_format", COMBINATIONS)
-def test_logits_and_gradients_match_dense_reference(gptq_checkpoint, input_ids, bits, act_order, sym, checkpoint_format):
+def test_logits_and_gradients_match_dense_reference(
+    gptq_checkpoint, input_ids, bits, act_order, sym, checkpoint_format
+):
     synthetic = gptq_checkpoint(bits=bits, act_order=act_order, sym=sym, checkpoint_format=checkpoint_format)
     model = adapted(load_gptq(synthetic.path))
     assert all(type(m).__name__ != "Linear" or "lm_head" in n for n, m in model.named_modules() if "qalora_" not in n)

@@ -10,11 +10,12 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
 from .config import QALoraConfig
+from .convert import convert_adapter
 from .float_zero_linear import FloatZeroGPTQLinear
 from .layer import QALoraLayer, QALoraLinear
 from .merge import MergeReport, RoundingLossError
-from .offline_merge import merge_checkpoint
 from .model import QALoraModel
+from .offline_merge import merge_checkpoint
 from .peft_type import QALORA
 from .quantizer import QALoraGPTQConfig, register_with_transformers
 
@@ -31,6 +32,7 @@ __all__ = [
     "QALoraModel",
     "RoundingLossError",
     "__version__",
+    "convert_adapter",
     "merge_checkpoint",
 ]
 

@@ -71,7 +71,14 @@ def shard_files(folder: str) -> tuple[list[str], dict | None]:
         return sorted(set(index["weight_map"].values())), index
     if os.path.isfile(os.path.join(folder, SAFETENSORS_SINGLE)):
         return [SAFETENSORS_SINGLE], None
-    raise ValueError(f"{folder} has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}; only safetensors checkpoints are read.")
+    raise ValueError(
+        f"{folder} has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}; only safetensors checkpoints are read."
+    )
+
+
+def locate_tensors(folder: str, files: list[str]) -> dict[str, str]:
+    """``{tensor name: the shard file holding it}`` over a model folder's safetensors files."""
+    return {name: file for file in files for name in tensor_names(os.path.join(folder, file))}
 
 
 def tensor_names(path: str) -> list[str]:
@@ -162,7 +169,9 @@ def check_output_folder(out_dir: str, overwrite: bool) -> None:
     if os.path.isfile(out_dir):
         raise ValueError(f"{out_dir} is a file; give a folder path for the output.")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(f"{out_dir} already exists and is not empty; choose another path or pass overwrite=True (--overwrite).")
+        raise ValueError(
+            f"{out_dir} already exists and is not empty; choose another path or pass overwrite=True (--overwrite)."
+        )
 
 
 @contextlib.contextmanager

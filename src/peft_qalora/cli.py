@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Optional
 
+from .convert import CONVERSION_TARGETS, convert_adapter
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS
 
 
@@ -25,6 +26,10 @@ def _merge(args: argparse.Namespace) -> None:
     )
     if report is not None:
         print(report.summary())
+
+
+def _convert(args: argparse.Namespace) -> None:
+    convert_adapter(args.in_dir, args.out_dir, args.to, base_model_dir=args.base, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,11 +56,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-rounding-loss",
         type=float,
         default=DEFAULT_MAX_ROUNDING_LOSS,
-        help="with --zero-format int, refuse if rounding loses more than this share of the adapter (default: %(default)s)",
+        help="with --zero-format int, refuse if rounding loses more than this share of the adapter "
+        "(default: %(default)s)",
     )
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     merge.set_defaults(run=_merge)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert an adapter between QA-LoRA, PEFT's LoRA use_qalora format and plain LoRA",
+        description="Convert a saved adapter into another format with the same function; OUT_DIR is written "
+        "atomically. qalora: a PEFT LoRA use_qalora adapter to QA-LoRA (mergeable into the GPTQ zero points). "
+        "peft-lora: QA-LoRA to PEFT's LoRA use_qalora format (loads with stock PEFT; no act-order). lora: QA-LoRA to "
+        "plain LoRA (any LoRA runtime, act-order included).",
+    )
+    convert.add_argument(
+        "in_dir", metavar="IN_DIR", help="adapter folder (adapter_config.json + adapter_model.safetensors)"
+    )
+    convert.add_argument("out_dir", metavar="OUT_DIR", help="folder for the converted adapter")
+    convert.add_argument("--to", required=True, choices=CONVERSION_TARGETS, help="output format")
+    convert.add_argument(
+        "--base",
+        metavar="BASE_DIR",
+        help="GPTQ checkpoint folder of the base model, to read its quantization groups (needed for --to qalora, "
+        "and for --to lora with act-order; default: the adapter's base_model_name_or_path if it is a local folder)",
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    convert.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    convert.set_defaults(run=_convert)
     return parser
 
 

@@ -137,7 +137,8 @@ class QALoraConfig(PeftConfig):
         if not isinstance(config, cls):
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a {config.peft_type} adapter, not a QALORA one. Load it with "
-                "`PeftModel.from_pretrained`; a PEFT LoRA `use_qalora` adapter can be converted with `peft-qalora convert`."
+                "`PeftModel.from_pretrained`; a PEFT LoRA `use_qalora` adapter can be converted with "
+                "`peft-qalora convert`."
             )
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         check_weights_file(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))

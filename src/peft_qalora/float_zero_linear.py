@@ -45,13 +45,20 @@ class FloatZeroGPTQLinear(nn.Module):
         # them with random weights. This zero-size `weight` makes it stop with a size-mismatch error instead.
         self.register_buffer("weight", torch.empty(0, dtype=torch.float16))
         self._int4_cache: tuple | None = None
+        self._order_cache: tuple | None = None
 
     @classmethod
     def from_gptq(cls, layer: nn.Module, zeros: torch.Tensor) -> FloatZeroGPTQLinear:
         """A float-zero layer sharing ``layer``'s codes, scales, ``g_idx`` and bias, with the given ``zeros``."""
         bias = getattr(layer, "bias", None)
         with torch.device("meta"):
-            merged = cls(int(layer.bits), int(layer.group_size), int(layer.in_features), int(layer.out_features), bias is not None)
+            merged = cls(
+                int(layer.bits),
+                int(layer.group_size),
+                int(layer.in_features),
+                int(layer.out_features),
+                bias is not None,
+            )
         device = layer.scales.device
         merged.qweight, merged.scales, merged.g_idx, merged.bias = layer.qweight, layer.scales, layer.g_idx, bias
         merged.zeros = zeros.to(device=device, dtype=torch.float32).contiguous()
@@ -59,21 +66,26 @@ class FloatZeroGPTQLinear(nn.Module):
         return merged
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The dense weight as (in_features x out_features), fp32."""
-        g = self.g_idx.long()
-        codes = unpack_qweight(self.qweight, self.bits, self.in_features).float()
-        return self.scales.float()[g] * (codes - self.zeros[g])
+        """The dense weight as (in_features x out_features), fp32, rows in the layer's input order."""
+        order = self._group_order()
+        weight = self._dequantize_by_group(order)
+        if order is None:
+            return weight
+        return torch.empty_like(weight).index_copy_(0, order, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_shape = x.shape[:-1] + (self.out_features,)
         x = x.reshape(-1, self.in_features)
+        order = self._group_order()
+        if order is not None:  # act-order: visit the input channels group by group, like the weight rows
+            x = x.index_select(1, order)
         if self._use_int4_kernel(x):
-            order, packed, scales_and_offsets = self._int4_operands()
-            if order is not None:
-                x = x.index_select(1, order)
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, self.group_size, scales_and_offsets)
+            packed, scales_and_offsets = self._int4_operands(order)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.contiguous(), packed, self.group_size, scales_and_offsets
+            )
         else:
-            out = x @ self.dequantize_weight().to(x.dtype)
+            out = x @ self._dequantize_by_group(order).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(out_shape)
@@ -89,28 +101,46 @@ class FloatZeroGPTQLinear(nn.Module):
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         )
 
-    def _int4_operands(self) -> tuple:
-        """Codes repacked for the int4 kernel (groups made contiguous) and per-group (scale, offset), cached."""
-        if self._int4_cache is None:
-            g = self.g_idx.long()
-            order = torch.argsort(g, stable=True)
-            codes = unpack_qweight(self.qweight, self.bits, self.in_features)
+    def _group_order(self) -> torch.Tensor | None:
+        """The input channels sorted by group, or ``None`` when groups are already contiguous; cached."""
+        if self._order_cache is None:
+            order = torch.argsort(self.g_idx.long(), stable=True)
             identity = bool(torch.equal(order, torch.arange(self.in_features, device=order.device)))
-            if not identity:
+            self._order_cache = (None if identity else order,)
+        return self._order_cache[0]
+
+    def _dequantize_by_group(self, order: torch.Tensor | None) -> torch.Tensor:
+        """The weight with rows in group order: scales and zeros broadcast per group in place, without gathers."""
+        codes = unpack_qweight(self.qweight, self.bits, self.in_features)
+        if order is not None:
+            codes = codes.index_select(0, order)
+        weight = codes.view(self.scales.shape[0], -1, self.out_features).to(torch.float32)
+        weight.sub_(self.zeros.unsqueeze(1)).mul_(self.scales.float().unsqueeze(1))
+        return weight.view(self.in_features, self.out_features)
+
+    def _int4_operands(self, order: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes repacked for the int4 kernel (rows in group order) and per-group (scale, offset); cached."""
+        if self._int4_cache is None:
+            codes = unpack_qweight(self.qweight, self.bits, self.in_features)
+            if order is not None:
                 codes = codes.index_select(0, order)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
             scales = self.scales.float()
             # The kernel computes (q - 8) * scale + offset; s * (q - z') = (q - 8) * s + s * (8 - z').
             scales_and_offsets = torch.stack([scales, scales * (8 - self.zeros)], dim=-1).contiguous()
-            self._int4_cache = (None if identity else order, packed, scales_and_offsets)
+            self._int4_cache = (packed, scales_and_offsets)
         return self._int4_cache
 
-    def _apply(self, fn, recurse: bool = True):
+    def _clear_caches(self) -> None:
         self._int4_cache = None
+        self._order_cache = None
+
+    def _apply(self, fn, recurse: bool = True):
+        self._clear_caches()
         return super()._apply(fn, recurse=recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._int4_cache = None
+        self._clear_caches()
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -78,8 +78,13 @@ def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_qweight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Codes ``q[k, n]`` (in_features x out_features) of a GPTQ ``qweight``."""
-    return unpack_int32(qweight.t(), bits, in_features).t()
+    """Codes ``q[k, n]`` (in_features x out_features, contiguous) of a GPTQ ``qweight``."""
+    if WORD_BITS % bits:
+        return unpack_int32(qweight.t(), bits, in_features).t().contiguous()
+    # Whole codes per word: unpack along the rows directly, without transposing the (large) result.
+    shifts = torch.arange(0, WORD_BITS, bits, device=qweight.device, dtype=torch.int32).view(1, -1, 1)
+    codes = torch.bitwise_right_shift(qweight.unsqueeze(1), shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1, qweight.shape[1])[:in_features]
 
 
 def pack_qzeros(zeros: torch.Tensor, bits: int, zero_format: str = "gptq_v2") -> torch.Tensor:
@@ -98,7 +103,9 @@ def pack_qzeros(zeros: torch.Tensor, bits: int, zero_format: str = "gptq_v2") ->
         zeros = zeros - 1
     elif zero_format == "gptq_v2":
         if (zeros < 0).any() or (zeros > maxq).any():
-            raise ValueError(f"{bits}-bit zero points must lie in [0, {maxq}], found {int(zeros.min())}..{int(zeros.max())}.")
+            raise ValueError(
+                f"{bits}-bit zero points must lie in [0, {maxq}], found {int(zeros.min())}..{int(zeros.max())}."
+            )
     else:
         raise ValueError(f"Unknown GPTQ zero-point format {zero_format!r}; expected one of {ZERO_FORMATS}.")
     return pack_int32(zeros, bits)

@@ -13,9 +13,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .config import qalora_scaling
 from .float_zero_linear import FloatZeroGPTQLinear
 from .gptq import GPTQLayerFacts, is_gptq_layer, layer_facts, pack_qzeros
-from .config import qalora_scaling
 from .merge import LayerRounding, fold, group_delta, in_memory_zero_format, read_zero_points, round_zeros
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class QALoraLayer(BaseTunerLayer):
         self.num_groups = self.facts.num_groups
         self.group_size = self.facts.group_size
         # With act-order the channels of a group are scattered; gather them group by group so that pooling is
-        # a reshape-and-mean in both cases. Not persistent: it is derived from the base layer's g_idx.
+        # a reshape-and-sum in both cases. Not persistent: it is derived from the base layer's g_idx.
         order = torch.argsort(base.g_idx.detach().to(torch.int64), stable=True) if self.facts.act_order else None
         self.register_buffer("qalora_group_order", order, persistent=False)
         self._pin_training_path(base)
@@ -108,7 +108,7 @@ class QALoraLayer(BaseTunerLayer):
             logger.warning(
                 "%s already switched to its inference-only kernel (an eval forward in fp16/bf16 happened before the "
                 "adapter was added); it returns no gradient, so training through this layer will raise. Load the "
-                "model with `GPTQConfig(bits=..., backend=\"gptq_torch\")` to train.",
+                'model with `GPTQConfig(bits=..., backend="gptq_torch")` to train.',
                 type(base).__name__,
             )
 
@@ -266,7 +266,12 @@ class QALoraLinear(nn.Module, QALoraLayer):
             if hidden.dtype == result.dtype:
                 # One fused op for B, the scale and the residual add: the (tokens x out_features) tensors dominate
                 # the adapter's cost (benchmarks/train_step.py).
-                flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]), B.weight.t(), alpha=alpha)
+                flat = torch.addmm(
+                    result.reshape(-1, self.out_features),
+                    hidden.reshape(-1, hidden.shape[-1]),
+                    B.weight.t(),
+                    alpha=alpha,
+                )
                 result = flat.view(result.shape)
             else:
                 result = result + (B(hidden) * alpha).to(result.dtype)
@@ -280,7 +285,7 @@ class QALoraLinear(nn.Module, QALoraLayer):
             raise RuntimeError(
                 f"The GPTQ kernel {type(base).__name__} returned an output without gradient: it switched to its "
                 "inference-only path, so training through it would give wrong gradients. Load the model for "
-                "training with `GPTQConfig(bits=..., backend=\"gptq_torch\")`, or add the adapter before running any "
+                'training with `GPTQConfig(bits=..., backend="gptq_torch")`, or add the adapter before running any '
                 "fp16/bf16 inference with the model."
             )
 

@@ -84,6 +84,8 @@ class QALoraModel(BaseTuner):
 
     def _prepare_model(self, peft_config: QALoraConfig, model: nn.Module) -> None:
         """Resolve ``"all-linear"`` and check every target before any module is replaced."""
+        # How the base's zeros read in memory depends on the checkpoint they were loaded from.
+        self._checkpoint_format = (base_quantization(model) or {}).get("checkpoint_format")
         if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == ALL_LINEAR:
             names = gptq_layer_names(model)
             if not names:
@@ -164,8 +166,7 @@ class QALoraModel(BaseTuner):
         if isinstance(target, QALoraLinear):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **kwargs)
             return
-        checkpoint_format = (base_quantization(self.model) or {}).get("checkpoint_format")
-        new_module = QALoraLinear(target, adapter_name, checkpoint_format=checkpoint_format, **kwargs)
+        new_module = QALoraLinear(target, adapter_name, checkpoint_format=self._checkpoint_format, **kwargs)
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until it is activated
             new_module.requires_grad_(False)

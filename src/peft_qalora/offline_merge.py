@@ -26,6 +26,7 @@ from .checkpoint import (
     check_output_folder,
     gptq_modules,
     gptq_quantization,
+    locate_tensors,
     read_config,
     read_tensors,
     shard_files,
@@ -98,7 +99,7 @@ def merge_checkpoint(
     check_output_folder(out_dir, overwrite)
 
     files, index = shard_files(base_dir)
-    located = {name: file for file in files for name in tensor_names(os.path.join(base_dir, file))}
+    located = locate_tensors(base_dir, files)
     modules = gptq_modules(list(located))
     unknown = sorted(set(adapter) - set(modules))
     if unknown:
@@ -110,7 +111,9 @@ def merge_checkpoint(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few small ops per layer: a thread pool only adds wake-up latency
     try:
-        zeros, report = _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, zero_format, progressbar)
+        zeros, report = _fold_checkpoint(
+            base_dir, located, modules, adapter, config, quantization, zero_format, progressbar
+        )
     finally:
         torch.set_num_threads(threads)
     if report is not None:
@@ -125,7 +128,11 @@ def merge_checkpoint(
         if index is not None:
             total_size = sum(os.path.getsize(os.path.join(tmp, file)) for file in files)
             with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
-                json.dump({"metadata": {**index.get("metadata", {}), "total_size": total_size}, "weight_map": weight_map}, f, indent=2)
+                json.dump(
+                    {"metadata": {**index.get("metadata", {}), "total_size": total_size}, "weight_map": weight_map},
+                    f,
+                    indent=2,
+                )
         _write_config(base_dir, tmp, quantization, modules, zero_format)
         for name in sorted(os.listdir(base_dir)):
             path = os.path.join(base_dir, name)
@@ -157,7 +164,8 @@ def _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, 
             problem = check_group_layout(facts, g_idx)
             mismatches = facts.mismatches(recorded.get(module, {}))
             if problem or mismatches or A.shape[1] != facts.num_groups or B.shape[0] != facts.out_features:
-                problems.append(f"{module}: {problem or '; '.join(mismatches) or f'adapter shapes {tuple(A.shape)}, {tuple(B.shape)}'}")
+                shapes = f"adapter shapes A {tuple(A.shape)}, B {tuple(B.shape)}"
+                problems.append(f"{module}: {problem or '; '.join(mismatches) or shapes}")
                 continue
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 problems.append(f"{module}: the adapter weights contain NaN or inf")
@@ -174,7 +182,8 @@ def _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, 
             roundings.append(rounding)
     if problems:
         raise ValueError(
-            f"The adapter does not match the GPTQ checkpoint {base_dir}; nothing was written:\n  " + "\n  ".join(problems[:8])
+            f"The adapter does not match the GPTQ checkpoint {base_dir}; nothing was written:\n  "
+            + "\n  ".join(problems[:8])
         )
     return zeros, (MergeReport(roundings) if zero_format == "int" else None)
 

@@ -63,7 +63,9 @@ class SyntheticGPTQ:
         return model
 
 
-def tiny_llama_config(hidden_size: int = 128, intermediate_size: int = 256, num_layers: int = 2, vocab_size: int = 272) -> dict:
+def tiny_llama_config(
+    hidden_size: int = 128, intermediate_size: int = 256, num_layers: int = 2, vocab_size: int = 272
+) -> dict:
     """A Llama config small enough for CPU tests, with grouped-query attention."""
     return {
         "architectures": ["LlamaForCausalLM"],

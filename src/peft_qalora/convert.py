@@ -1,0 +1,454 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""Convert adapters between QA-LoRA (``QALORA``), PEFT's LoRA ``use_qalora`` variant, and plain LoRA.
+
+The three formats can hold the same function of a GPTQ layer, ``y = base(x) + scaling * B @ A' @ x``, with a
+group-constant ``A'`` (DESIGN.md, "The adapter"); they differ only in how they store ``A``:
+
+* ``qalora`` (this package): ``A`` is r x groups and multiplies the group *mean* over the layer's real quantization
+  groups (its ``g_idx``, act-order included).
+* ``peft-lora``: PEFT's ``LoraConfig(use_qalora=True, qalora_group_size=gs)``. ``A`` is r x (in_features / gs) and
+  multiplies the mean over *contiguous* blocks of ``gs`` channels times ``in_features / gs``, so
+  ``A_qalora = A_peft * in_features / gs``. It cannot express act-order groups.
+* ``lora``: a plain LoRA with ``A'[:, k] = A[:, g_idx[k]] / count(g_idx[k])`` (r x in_features). Every LoRA runtime
+  applies it on the unchanged GPTQ base, act-order included, but it no longer says that it can be merged.
+
+``B``, ``r``, ``lora_alpha`` and ``use_rslora`` carry over unchanged in every direction. Every input is checked
+before anything is written, and the output folder appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Optional, Union
+
+import torch
+from peft import LoraConfig, PeftConfig
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import (
+    GPTQTensorNames,
+    atomic_folder,
+    check_output_folder,
+    gptq_quantization,
+    locate_tensors,
+    shard_files,
+)
+from .config import QALoraConfig, check_weights_file
+from .gptq import GPTQLayerFacts, facts_from_tensors
+from .layer import check_group_layout
+from .model import QUANTIZATION_KEYS
+
+logger = logging.getLogger(__name__)
+
+CONVERSION_TARGETS = ("qalora", "peft-lora", "lora")
+
+_KEY_PREFIX = "base_model.model."
+_MAX_LISTED = 8
+
+# LoraConfig fields a QA-LoRA adapter carries over (or that only describe how the weights were initialised, or
+# where they came from). Any other field set away from its default changes what the adapter computes in a way a
+# QA-LoRA adapter cannot express (DoRA, biases, modules_to_save, ...), so the conversion refuses it.
+_LORA_FIELDS_CARRIED = {
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "use_qalora", "qalora_group_size",
+}  # fmt: skip
+_LORA_FIELDS_IGNORED = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "megatron_core", "ensure_weight_tying",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One adapted layer: its weights and the quantization groups of its GPTQ base layer."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    facts: GPTQLayerFacts
+    g_idx: Optional[torch.Tensor]  # None: act-order map recorded only by its digest, base checkpoint not read
+
+
+def convert_adapter(
+    in_dir: Union[str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+    to: str,
+    *,
+    base_model_dir: Optional[Union[str, os.PathLike]] = None,
+    overwrite: bool = False,
+) -> None:
+    """Convert the adapter saved in ``in_dir`` into another format with the same function, written to ``out_dir``.
+
+    Args:
+        in_dir: An adapter folder as ``save_pretrained`` writes it (``adapter_config.json`` and
+            ``adapter_model.safetensors``).
+        out_dir: The folder for the converted adapter; written atomically (nothing appears there on error).
+        to: The output format:
+
+            * ``"qalora"``: from a PEFT LoRA adapter with ``use_qalora=True`` to a ``QALORA`` adapter (loads after
+              ``import peft_qalora``; mergeable into the GPTQ zero points). The base must have no act-order and a
+              GPTQ group size that divides ``qalora_group_size``.
+            * ``"peft-lora"``: from a ``QALORA`` adapter to PEFT's ``LoraConfig(use_qalora=True)`` format, which
+              stock PEFT loads without this package. Not possible for an act-order base.
+            * ``"lora"``: from a ``QALORA`` adapter to a plain LoRA adapter for any LoRA runtime (PEFT, vLLM,
+              SGLang, GPTQModel) on the unchanged GPTQ base, act-order included.
+
+        base_model_dir: The GPTQ checkpoint folder of the base model. Needed to read group sizes and act-order
+            maps where the adapter does not record them (always for ``"qalora"``; for ``"lora"`` when the base uses
+            act-order). Defaults to the adapter's ``base_model_name_or_path`` when that is a local folder. When
+            given, the adapter is also checked against it.
+        overwrite: Replace a non-empty ``out_dir``.
+
+    Raises:
+        ValueError: The input is not the adapter type ``to`` converts from, uses features the output format
+            cannot represent, does not match the base model, or ``out_dir`` is not empty (without ``overwrite``).
+    """
+    in_dir, out_dir = os.fspath(in_dir), os.fspath(out_dir)
+    base_model_dir = os.fspath(base_model_dir) if base_model_dir is not None else None
+    if to not in CONVERSION_TARGETS:
+        raise ValueError(f"Unknown conversion target {to!r}; choose one of {', '.join(CONVERSION_TARGETS)}.")
+    check_output_folder(out_dir, overwrite)
+    if to == "qalora":
+        config, tensors = _peft_qalora_to_qalora(in_dir, base_model_dir)
+    elif to == "peft-lora":
+        config, tensors = _qalora_to_peft_qalora(in_dir, base_model_dir)
+    else:
+        config, tensors = _qalora_to_lora(in_dir, base_model_dir)
+    # PEFT holds target_modules as a set, which would be written in hash order: sort it for reproducible output.
+    config.target_modules = sorted(config.target_modules)
+    with atomic_folder(out_dir) as tmp:
+        config.save_pretrained(tmp)  # the config class's own serialization: exactly what its loader expects
+        save_file(tensors, os.path.join(tmp, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    logger.info("Converted %d layers of %s into a %r adapter in %s", len(tensors) // 2, in_dir, to, out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ the directions
+
+
+def _peft_qalora_to_qalora(in_dir: str, base_model_dir: Optional[str]) -> tuple[QALoraConfig, dict]:
+    """A PEFT ``use_qalora`` LoRA adapter as a QALORA adapter: ``A`` rescaled from PEFT's pooling to the group mean."""
+    source = _load_config(in_dir, LoraConfig, "qalora")
+    if not source.use_qalora:
+        raise ValueError(
+            f"{in_dir} is a plain LoRA adapter (use_qalora is false). Its weight change is not constant inside each "
+            "quantization group, so it cannot become a QA-LoRA adapter or be merged into GPTQ zero points. Only PEFT "
+            "LoRA adapters trained with `LoraConfig(use_qalora=True)` convert to 'qalora'."
+        )
+    _check_representable(in_dir, source)
+    weights = _read_weights(in_dir, "lora_")
+    base_dir = base_model_dir or _local_base(source)
+    if base_dir is None:
+        raise ValueError(
+            f"Converting {in_dir} to 'qalora' needs the GPTQ base checkpoint to read its quantization groups, and the "
+            f"adapter's base_model_name_or_path ({source.base_model_name_or_path!r}) is not a local folder. Pass the "
+            "base model folder (base_model_dir= / --base)."
+        )
+    quantization, groups = _read_base_groups(base_dir, list(weights))
+    _refuse_act_order(
+        {module: facts for module, (facts, _) in groups.items()},
+        f"the base {base_dir} uses act-order (desc_act)",
+        "PEFT's use_qalora pooled contiguous blocks of channels: the adapter's weight change is not constant inside "
+        "each quantization group, so it is not a QA-LoRA adapter of this base and cannot be merged into its zero "
+        "points. Train a QA-LoRA adapter with `QALoraConfig`, which pools over the base's real groups",
+    )
+
+    pool = source.qalora_group_size
+    _refuse_partial_groups(in_dir, pool, {module: facts for module, (facts, _) in groups.items()})
+    tensors, problems = {}, []
+    for module, (A, B) in weights.items():
+        facts, g_idx = groups[module]
+        problem = check_group_layout(facts, g_idx)
+        problem = problem or _shape_problem(A, B, _rank(source, module), facts.in_features // pool, facts)
+        if problem:
+            problems.append(f"{module}: {problem}")
+            continue
+        # PEFT pools blocks of `pool` channels, m whole quantization groups each, and multiplies the block mean by
+        # in_features / pool. The same function on the group means: each group gets its block's column / m.
+        m = pool // facts.group_size
+        A_ours = A.float().repeat_interleave(m, dim=1) * (facts.in_features // pool) / m
+        tensors.update(_layer_tensors(module, "qalora_", A_ours.to(A.dtype), B))
+    _raise_problems(problems, f"{in_dir} cannot be converted to a QA-LoRA adapter for {base_dir}")
+
+    config = QALoraConfig(
+        **_common_fields(source, sorted(weights)),
+        base_model_name_or_path=source.base_model_name_or_path or base_dir,
+        base_quantization={key: quantization[key] for key in QUANTIZATION_KEYS if key in quantization},
+        base_layers={module: groups[module][0].to_dict() for module in sorted(weights)},
+    )
+    return config, tensors
+
+
+def _qalora_to_peft_qalora(in_dir: str, base_model_dir: Optional[str]) -> tuple[LoraConfig, dict]:
+    """A QALORA adapter as PEFT's ``LoraConfig(use_qalora=True)`` adapter: ``A`` scaled by ``group_size / in``."""
+    source = _load_config(in_dir, QALoraConfig, "peft-lora")
+    layers = _qalora_layers(in_dir, source, base_model_dir, need_g_idx=False)
+    _refuse_act_order(
+        {module: layer.facts for module, layer in layers.items()},
+        f"the base of {in_dir} uses act-order (desc_act)",
+        "PEFT's use_qalora pools contiguous blocks of channels and cannot express these groups. Convert to 'lora' "
+        "instead: a plain LoRA adapter keeps act-order groups exactly",
+    )
+    group_sizes = sorted({layer.facts.group_size for layer in layers.values()})
+    if len(group_sizes) > 1:
+        raise ValueError(
+            f"{in_dir} adapts layers with different GPTQ group sizes {group_sizes}, but PEFT's use_qalora has one "
+            "qalora_group_size for all layers. Convert to 'lora' instead."
+        )
+    tensors = {}
+    for module, layer in layers.items():
+        A_peft = layer.A.float() * (layer.facts.group_size / layer.facts.in_features)
+        tensors.update(_layer_tensors(module, "lora_", A_peft.to(layer.A.dtype), layer.B))
+    config = LoraConfig(**_lora_fields(source, sorted(layers)), use_qalora=True, qalora_group_size=group_sizes[0])
+    return config, tensors
+
+
+def _qalora_to_lora(in_dir: str, base_model_dir: Optional[str]) -> tuple[LoraConfig, dict]:
+    """A QALORA adapter as a plain LoRA adapter: ``A'[:, k] = A[:, g_idx[k]] / count(g_idx[k])``."""
+    source = _load_config(in_dir, QALoraConfig, "lora")
+    layers = _qalora_layers(in_dir, source, base_model_dir, need_g_idx=True)
+    tensors = {}
+    for module, layer in layers.items():
+        g_idx = layer.g_idx.to(torch.int64)
+        counts = torch.bincount(g_idx, minlength=layer.facts.num_groups).float()
+        A_dense = (layer.A.float() / counts)[:, g_idx]
+        tensors.update(_layer_tensors(module, "lora_", A_dense.to(layer.A.dtype), layer.B))
+    return LoraConfig(**_lora_fields(source, sorted(layers))), tensors
+
+
+# --------------------------------------------------------------------------------------------- reading adapters
+
+
+def _load_config(in_dir: str, config_cls: type[PeftConfig], to: str) -> PeftConfig:
+    """The adapter config of ``in_dir``, refused clearly when it is not the type that converts to ``to``."""
+    path = os.path.join(in_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"{in_dir} has no {CONFIG_NAME}: it is not a saved PEFT adapter folder.")
+    with open(path) as f:
+        peft_type = json.load(f).get("peft_type")
+    expected = "LORA" if config_cls is LoraConfig else "QALORA"
+    if peft_type != expected:
+        hint = " A PEFT LoRA adapter with use_qalora=True converts with to='qalora'." if peft_type == "LORA" else ""
+        raise ValueError(
+            f"Converting to {to!r} needs a {expected} adapter, but {in_dir} holds a {peft_type} adapter.{hint}"
+        )
+    return config_cls.from_pretrained(in_dir)
+
+
+def _read_weights(in_dir: str, prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A, B)}`` from ``adapter_model.safetensors``; any other tensor is refused, not dropped."""
+    path = os.path.join(in_dir, SAFETENSORS_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{in_dir} has no {SAFETENSORS_WEIGHTS_NAME}; only safetensors adapters are converted. Save the adapter "
+            "with `save_pretrained(..., safe_serialization=True)`."
+        )
+    check_weights_file(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected = []
+    for key, tensor in load_file(path).items():
+        module, _, part = key.removeprefix(_KEY_PREFIX).rpartition(f".{prefix}")
+        if key.startswith(_KEY_PREFIX) and part in ("A.weight", "B.weight"):
+            parts.setdefault(module, {})[part[0]] = tensor
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise ValueError(
+            f"{in_dir} holds weights other than {prefix}A/{prefix}B (e.g. {unexpected[:3]}, from modules_to_save or "
+            "another option); the conversion carries only the adapter layers, and dropping the rest would change "
+            "what the adapter computes."
+        )
+    incomplete = sorted(module for module, found in parts.items() if set(found) != {"A", "B"})
+    if not parts or incomplete:
+        raise ValueError(
+            f"{in_dir} holds no complete adapter layers ({prefix}A and {prefix}B); incomplete: {incomplete[:5]}."
+        )
+    return {module: (found["A"], found["B"]) for module, found in sorted(parts.items())}
+
+
+def _check_representable(in_dir: str, config: LoraConfig) -> None:
+    """Refuse LoRA options that a QA-LoRA adapter cannot express (every field outside the known-safe lists)."""
+    default = LoraConfig()
+    unsupported = [
+        f"{f.name}={getattr(config, f.name)!r}"
+        for f in fields(LoraConfig)
+        if f.name not in _LORA_FIELDS_CARRIED | _LORA_FIELDS_IGNORED
+        and not _same_setting(getattr(config, f.name), getattr(default, f.name))
+    ]
+    if unsupported:
+        raise ValueError(
+            f"{in_dir} uses LoRA options that a QA-LoRA adapter cannot represent: {', '.join(unsupported)}. A QA-LoRA "
+            "adapter is only A (rank x groups) and B (out x rank) on GPTQ layers, so that it folds into the zero "
+            "points; train the adapter without these options."
+        )
+
+
+def _same_setting(value: object, default: object) -> bool:
+    return value == default or (not value and not default)  # None, [], {} and False all mean "not used"
+
+
+def _local_base(config: PeftConfig) -> Optional[str]:
+    """The adapter's recorded base model, if it is a local folder."""
+    path = config.base_model_name_or_path
+    return path if path and os.path.isdir(path) else None
+
+
+def _qalora_layers(
+    in_dir: str, config: QALoraConfig, base_model_dir: Optional[str], need_g_idx: bool
+) -> dict[str, _Layer]:
+    """The QALORA adapter's layers with their quantization groups, from its records or (when needed) the base.
+
+    The base checkpoint is read when given, or when the records cannot tell the groups: a layer the adapter did not
+    record, or (``need_g_idx``) an act-order layer, whose ``g_idx`` map only the base holds.
+    """
+    weights = _read_weights(in_dir, "qalora_")
+    recorded = config.base_layers or {}
+    needs_base = [m for m in weights if m not in recorded or (need_g_idx and recorded[m].get("act_order"))]
+    base_dir = base_model_dir or (_local_base(config) if needs_base else None)
+    if needs_base and base_dir is None:
+        raise ValueError(
+            f"{in_dir} does not record the quantization groups of {len(needs_base)} layers (e.g. {needs_base[0]}; an "
+            "act-order g_idx is recorded only as a digest), and its base_model_name_or_path "
+            f"({config.base_model_name_or_path!r}) is not a local folder. Pass the GPTQ base checkpoint folder "
+            "(base_model_dir= / --base) to read their g_idx."
+        )
+    if base_dir is None:
+        groups = {module: _recorded_groups(recorded[module]) for module in weights}
+    else:
+        _, groups = _read_base_groups(base_dir, list(weights))
+        problems = [f"{m}: {issue}" for m in weights for issue in groups[m][0].mismatches(recorded.get(m, {}))]
+        _raise_problems(problems, f"{in_dir} was trained on a different GPTQ base than {base_dir}")
+
+    layers, problems = {}, []
+    for module, (A, B) in weights.items():
+        facts, g_idx = groups[module]
+        problem = _shape_problem(A, B, config.rank_and_alpha(module)[0], facts.num_groups, facts)
+        if problem:
+            problems.append(f"{module}: {problem}")
+        layers[module] = _Layer(A, B, facts, g_idx)
+    _raise_problems(problems, f"{in_dir} does not match its recorded base layers")
+    return layers
+
+
+def _recorded_groups(recorded: dict) -> tuple[GPTQLayerFacts, Optional[torch.Tensor]]:
+    """Facts recorded in a QALORA config, and the ``g_idx`` they imply (``None`` for act-order)."""
+    facts = GPTQLayerFacts(**{f.name: recorded[f.name] for f in fields(GPTQLayerFacts)})
+    canonical = None if facts.act_order else torch.arange(facts.in_features) // facts.group_size
+    return facts, canonical
+
+
+# ----------------------------------------------------------------------------------------- reading the base model
+
+
+def _read_base_groups(base_dir: str, modules: list[str]) -> tuple[dict, dict[str, tuple[GPTQLayerFacts, torch.Tensor]]]:
+    """The base's ``quantization_config`` and, per module, its layer facts and ``g_idx`` (read lazily from shards)."""
+    quantization = gptq_quantization(base_dir)
+    files, _ = shard_files(base_dir)
+    located = locate_tensors(base_dir, files)
+    missing = [m for m in modules if not {GPTQTensorNames(m).g_idx, GPTQTensorNames(m).scales} <= located.keys()]
+    if missing:
+        more = f" or {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(
+            f"{base_dir} has no GPTQ layer (with g_idx and scales) named {missing[0]}{more}: the adapter was "
+            "trained on another base model."
+        )
+    groups = {}
+    for module in modules:
+        names = GPTQTensorNames(module)
+        with safe_open(os.path.join(base_dir, located[names.g_idx]), framework="pt") as f:
+            g_idx = f.get_tensor(names.g_idx)
+        with safe_open(os.path.join(base_dir, located[names.scales]), framework="pt") as f:
+            out_features = f.get_slice(names.scales).get_shape()[1]  # the shape only: scales are never read
+        facts = facts_from_tensors(quantization["bits"], int(quantization["group_size"]), out_features, g_idx)
+        groups[module] = (facts, g_idx)
+    return quantization, groups
+
+
+# ------------------------------------------------------------------------------------------------------- checks
+
+
+def _refuse_act_order(facts: dict[str, GPTQLayerFacts], what: str, why: str) -> None:
+    act_order = [module for module, layer_facts in facts.items() if layer_facts.act_order]
+    if act_order:
+        raise ValueError(
+            f"Cannot convert: {what}, so the quantization groups of {len(act_order)} adapted layers (e.g. "
+            f"{act_order[0]}) are not contiguous blocks of input channels, and {why}."
+        )
+
+
+def _refuse_partial_groups(in_dir: str, pool: int, facts: dict[str, GPTQLayerFacts]) -> None:
+    """Refuse PEFT pooling blocks that do not consist of whole quantization groups of the (contiguous) base."""
+    partial = {
+        module: layer_facts.group_size
+        for module, layer_facts in facts.items()
+        if pool % layer_facts.group_size or layer_facts.in_features % pool
+    }
+    if partial:
+        module, group_size = next(iter(partial.items()))
+        raise ValueError(
+            f"Cannot convert {in_dir}: its qalora_group_size={pool} does not match the GPTQ group size {group_size} "
+            f"(nor a multiple of it that divides the row) on {len(partial)} adapted layers (e.g. {module}). Its weight "
+            "change is not constant inside each quantization group, so it is not a QA-LoRA adapter of this base "
+            "and cannot be merged into its zero points."
+        )
+
+
+def _shape_problem(A: torch.Tensor, B: torch.Tensor, r: int, columns: int, facts: GPTQLayerFacts) -> Optional[str]:
+    if tuple(A.shape) != (r, columns) or tuple(B.shape) != (facts.out_features, r):
+        return (
+            f"weights of shapes A {tuple(A.shape)}, B {tuple(B.shape)}; expected A ({r}, {columns}) and "
+            f"B ({facts.out_features}, {r}) for rank {r} on this layer"
+        )
+    return None
+
+
+def _raise_problems(problems: list[str], what: str) -> None:
+    if problems:
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise ValueError(f"{what}; nothing was written:\n  " + "\n  ".join(problems[:_MAX_LISTED]) + more)
+
+
+def _rank(config: LoraConfig, module: str) -> int:
+    """The rank of ``module`` after ``rank_pattern``, matched the way PEFT matches it."""
+    key = get_pattern_key((config.rank_pattern or {}).keys(), module)
+    return (config.rank_pattern or {}).get(key, config.r)
+
+
+# ------------------------------------------------------------------------------------------------------- output
+
+
+def _common_fields(source: PeftConfig, modules: list[str]) -> dict:
+    """What every output config carries over. Targets are the adapted modules by exact name: the selection
+    (patterns, excludes, layer indices) was already resolved when the source was created."""
+    return {
+        "r": source.r,
+        "lora_alpha": source.lora_alpha,
+        "lora_dropout": source.lora_dropout,
+        "use_rslora": source.use_rslora,
+        "rank_pattern": dict(source.rank_pattern or {}),
+        "alpha_pattern": dict(source.alpha_pattern or {}),
+        "target_modules": modules,
+        "task_type": source.task_type,
+        "revision": source.revision,
+        "inference_mode": True,  # what `save_pretrained` records
+    }
+
+
+def _lora_fields(source: QALoraConfig, modules: list[str]) -> dict:
+    return {
+        **_common_fields(source, modules),
+        "base_model_name_or_path": source.base_model_name_or_path,
+        "bias": "none",
+    }
+
+
+def _layer_tensors(module: str, prefix: str, A: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        f"{_KEY_PREFIX}{module}.{prefix}A.weight": A.contiguous(),
+        f"{_KEY_PREFIX}{module}.{prefix}B.weight": B.contiguous(),
+    }
