@@ -79,6 +79,10 @@ def test_float_merge_is_exact(gptq_checkpoint, input_ids, bits, act_order):
         assert isinstance(layer, FloatZeroGPTQLinear)
         assert layer.qweight is original.qweight and layer.scales is original.scales and layer.g_idx is original.g_idx
         assert_close(layer.zeros, zeros[name], atol=1e-6, rtol=2e-7, what=f"{name} zeros")
+        written = synthetic.layers[name]
+        g = written.g_idx.long()
+        dense = written.scales.float()[g] * (written.codes.float() - zeros[name][g])  # s * (q - z'), input order
+        assert_close(layer.dequantize_weight(), dense, atol=1e-6, rtol=1e-5, what=f"{name} dequantized")
     with torch.no_grad():
         assert_close(merged(input_ids).logits, expected, atol=1e-4, what="logits")
         # One row takes the int4 kernel for 4-bit layers.

@@ -205,10 +205,6 @@ class GPTQTensorNames:
     module: str
 
     @property
-    def qweight(self) -> str:
-        return f"{self.module}.qweight"
-
-    @property
     def qzeros(self) -> str:
         return f"{self.module}.qzeros"
 
