@@ -18,8 +18,8 @@ from torch import nn
 
 from .gptq import effective_group_size, unpack_qweight
 
-# Above this many rows the int4 kernel is slower than dequantize + matmul on CPU (measured in
-# benchmarks/merged_layer.py: ~24x faster at 1 row, on par at 16, 16x slower at 512).
+# Above this many rows the int4 kernel is slower than dequantize + matmul on CPU. A one-off probe at 4096 x 4096
+# on a 2-core CPU: ~24x faster at 1 row, on par at 16, 16x slower at 512 (docs/design.md).
 INT4_KERNEL_MAX_ROWS = 8
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 
