@@ -157,15 +157,16 @@ class QALoraLayer(BaseTunerLayer):
             else:
                 nn.init.zeros_(B)
 
-    def group_sums(self, x: torch.Tensor) -> torch.Tensor:
+    def group_sums(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Sum of ``x`` over each quantization group: (..., in_features) -> (..., num_groups).
 
         QA-LoRA pools with the group mean; the forward applies the ``1 / group_size`` with the output scale, so that
-        the backward of the pooling is a free broadcast rather than a full-size division.
+        the backward of the pooling is a free broadcast rather than a full-size division. ``dtype`` accumulates (and
+        returns) in that dtype without a full-size copy of ``x``.
         """
         if self.qalora_group_order is not None:
             x = x.index_select(-1, self.qalora_group_order)
-        return x.unflatten(-1, (self.num_groups, self.group_size)).sum(-1)
+        return x.unflatten(-1, (self.num_groups, self.group_size)).sum(-1, dtype=dtype)
 
     def group_delta(self, adapter_name: str) -> torch.Tensor:
         """``D[g, n]``: the adapter's change to every weight of group ``g`` in output ``n`` (groups x out, fp32).
@@ -251,7 +252,7 @@ class QALoraLinear(nn.Module, QALoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
         self._check_gradient_path(x, result)
         if self.merged:
             return result
@@ -261,8 +262,21 @@ class QALoraLinear(nn.Module, QALoraLayer):
             A = self.qalora_A[active_adapter]
             B = self.qalora_B[active_adapter]
             dropout = self.qalora_dropout[active_adapter]
-            hidden = A(self.group_sums(dropout(self._cast_input_dtype(x, A.weight.dtype))))
             alpha = self.scaling[active_adapter] / self.group_size  # the group mean's 1/group_size, and the scale
+            if _HALF_INPUT_FAST_PATH and _is_half(x) and _is_half(result) and A.weight.dtype == torch.float32:
+                # Half-precision model, fp32 adapter (PEFT's default): pool with fp32 accumulation and run B in the
+                # model's dtype, so that no (tokens x in) or (tokens x out) fp32 tensor is made. Those full-size casts
+                # and elementwise ops cost more than the adapter's matmuls (benchmarks/gpu.py, profile).
+                hidden = A(self.group_sums(dropout(x), dtype=torch.float32))
+                flat = torch.addmm(
+                    result.reshape(-1, self.out_features),
+                    hidden.reshape(-1, hidden.shape[-1]).to(result.dtype),
+                    B.weight.t().to(result.dtype),
+                    alpha=alpha,
+                )
+                result = flat.view(result.shape)
+                continue
+            hidden = A(self.group_sums(dropout(self._cast_input_dtype(x, A.weight.dtype))))
             if hidden.dtype == result.dtype:
                 # One fused op for B, the scale and the residual add: the (tokens x out_features) tensors dominate
                 # the adapter's cost (benchmarks/train_step.py).
@@ -276,6 +290,18 @@ class QALoraLinear(nn.Module, QALoraLayer):
             else:
                 result = result + (B(hidden) * alpha).to(result.dtype)
         return result
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # On CUDA, training through a GPTQModel torch/Triton layer keeps each layer's dense dequantized weight for the
+        # backward (a bf16 copy of the whole model at the peak); dequantize again in the backward instead
+        # (kernels/gptq_cuda.py). Same function and gradient; only where it applies, else the kernel's own forward.
+        if not args and not kwargs and x.is_cuda and torch.is_grad_enabled() and x.requires_grad:
+            from .kernels import gptq_recompute_forward, recompute_supported
+
+            base = self.base_layer
+            if recompute_supported(base, x):
+                return gptq_recompute_forward(base, x)
+        return self.base_layer(x, *args, **kwargs)
 
     def _check_gradient_path(self, x: torch.Tensor, result: torch.Tensor) -> None:
         # Kernel-agnostic: if the input carries a gradient but the base output does not, the kernel ran a
@@ -321,6 +347,15 @@ class QALoraLinear(nn.Module, QALoraLayer):
 
     def __repr__(self) -> str:
         return "qalora." + super().__repr__()
+
+
+# Half-precision inputs with an fp32 adapter: pool with fp32 accumulation, B in the model's dtype (see forward).
+# A switch so that benchmarks/gpu.py can measure both paths in one process.
+_HALF_INPUT_FAST_PATH = True
+
+
+def _is_half(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
 
 
 def _clear_kernel_cache(layer: nn.Module) -> None:

@@ -1,0 +1,20 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""Optional GPU fast paths. Everything here is used only on CUDA with Triton available; CPU code never needs it."""
+
+from .gptq_cuda import (
+    dequantize_float_zeros,
+    float_zero_forward,
+    gptq_recompute_forward,
+    recompute_supported,
+    set_float_zero_triton,
+    set_recompute,
+)
+
+__all__ = [
+    "dequantize_float_zeros",
+    "float_zero_forward",
+    "gptq_recompute_forward",
+    "recompute_supported",
+    "set_float_zero_triton",
+    "set_recompute",
+]
