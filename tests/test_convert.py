@@ -302,9 +302,12 @@ def test_act_order_to_lora_needs_the_base(qalora, tmp_path):
 
 def test_adapter_and_base_that_do_not_match(qalora, tmp_path):
     assert_refused(
-        qalora["plain"].folder, tmp_path / "out", "lora", r"different GPTQ base(.|\n)*act_order: adapter trained with False",
+        qalora["plain"].folder,
+        tmp_path / "out",
+        "lora",
+        r"different GPTQ base(.|\n)*act_order: adapter trained with False",
         base_model_dir=qalora["act_order"].base,
-    )  # fmt: skip
+    )
 
 
 def test_non_empty_output_folder(qalora, tmp_path):

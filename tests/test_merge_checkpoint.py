@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import peft_qalora.offline_merge as offline
 from peft_qalora import QALoraConfig, RoundingLossError, merge_checkpoint
+from peft_qalora.checkpoint import current_umask
 from peft_qalora.testing import tiny_llama_config
 
 
@@ -131,6 +132,8 @@ def test_non_empty_output_folder_is_refused(gptq_checkpoint, tmp_path):
     assert os.listdir(tmp_path / "out") == ["mine.txt"]
     merge_checkpoint(synthetic.path, adapter, str(tmp_path / "out"), overwrite=True, progressbar=False)
     assert "mine.txt" not in os.listdir(tmp_path / "out") and no_leftovers(tmp_path)
+    # a normal folder's mode, not the private one of the temporary folder it was written in
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~current_umask()
 
 
 def test_non_finite_adapter(gptq_checkpoint, tmp_path):

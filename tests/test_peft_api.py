@@ -79,28 +79,31 @@ def test_model_card_metadata(trained, tmp_path):
 
 
 def test_push_to_hub_uploads_the_adapter_files(trained, monkeypatch):
-    """Exercised up to the `huggingface_hub` calls: the commit holds the files `save_pretrained` writes."""
+    """Exercised up to the `huggingface_hub` calls: the folder uploaded holds the files `save_pretrained` writes."""
     import huggingface_hub
     from huggingface_hub import ModelCard
     from huggingface_hub.errors import EntryNotFoundError
 
     _, model = trained
-    commits = []
+    uploads = []
+    local_load = ModelCard.load.__func__
 
     class Repo:
         repo_id = "me/my-qalora"
 
-    def fake_create_commit(self, repo_id, operations, **kwargs):
-        commits.append({op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations})
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploads.append({name: open(os.path.join(folder_path, name), "rb").read() for name in os.listdir(folder_path)})
 
-    def no_remote_card(*args, **kwargs):
+    def load(cls, repo_id_or_path, *args, **kwargs):
+        if os.path.exists(repo_id_or_path):
+            return local_load(cls, repo_id_or_path, *args, **kwargs)
         raise EntryNotFoundError("new repository")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: Repo())
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_create_commit)
-    monkeypatch.setattr(ModelCard, "load", classmethod(lambda cls, *a, **k: no_remote_card()))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    monkeypatch.setattr(ModelCard, "load", classmethod(load))
     model.push_to_hub("me/my-qalora", token="hf_dummy")
-    (files,) = commits
+    (files,) = uploads
     assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     assert json.loads(files["adapter_config.json"])["peft_type"] == "QALORA"
     state = model.state_dict()

@@ -25,6 +25,9 @@ from safetensors import safe_open
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
+# Files a derived model folder (merged, exported) must not inherit from its base: weights and configs are rewritten,
+# and the base's model card and GPTQModel's quantize_config.json would describe another model.
+NOT_INHERITED_FILES = frozenset({"config.json", SAFETENSORS_INDEX, "README.md", "quantize_config.json"})
 _COPY_CHUNK = 64 << 20
 _DTYPE_NAMES = {
     torch.float64: "F64",
@@ -38,6 +41,7 @@ _DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 def read_config(folder: str) -> dict:
@@ -174,6 +178,13 @@ def check_output_folder(out_dir: str, overwrite: bool) -> None:
         )
 
 
+def current_umask() -> int:
+    """The process's umask (reading it needs setting it; set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str) -> Iterator[str]:
     """Yield a temporary folder beside ``out_dir`` that becomes ``out_dir`` only if the block succeeds.
@@ -189,6 +200,7 @@ def atomic_folder(out_dir: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; the result gets a normal folder's mode
     if os.path.exists(out_dir):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".old", dir=parent)
         os.replace(out_dir, os.path.join(old, "previous"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -12,8 +13,11 @@ from .convert import CONVERSION_TARGETS, convert_adapter
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS
 
 
-def _merge(args: argparse.Namespace) -> None:
+def _merge(args: argparse.Namespace) -> int:
     from .offline_merge import merge_checkpoint
+
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private applies to the repository that --push-to-hub creates; pass --push-to-hub REPO.")
 
     report = merge_checkpoint(
         args.base_dir,
@@ -26,6 +30,65 @@ def _merge(args: argparse.Namespace) -> None:
     )
     if report is not None:
         print(report.summary())
+    if args.push_to_hub:
+        return _push(args.out_dir, args.push_to_hub, private=args.private)
+    return 0
+
+
+def _push(path: str, repo_id: str, private: bool) -> int:
+    """Upload a written output (a folder, whose card then names ``repo_id``, or one file); 1 if the upload fails."""
+    from .model_card import push_file, push_folder
+
+    push = push_file if os.path.isfile(path) else push_folder
+    try:
+        commit = push(path, repo_id, private=private or None)
+    except Exception as exc:  # network, authentication, permissions: the files on disk are complete
+        print(
+            f"peft-qalora: {path} is complete, but uploading it to {repo_id} failed: {exc}\n"
+            f"Upload it again with: hf upload {repo_id} {path}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"Uploaded {path} to {getattr(commit, 'repo_url', repo_id)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private applies to the repository that --push-to-hub creates; pass --push-to-hub REPO.")
+    adapter_dir = None if args.adapter_dir == "-" else args.adapter_dir
+    if args.format == "gguf":
+        from .export.gguf import export_gguf
+
+        report = export_gguf(args.base_dir, adapter_dir, args.out, overwrite=args.overwrite, progressbar=not args.quiet)
+        print(
+            f"Wrote {report.path}: {report.quantized_tensors} Q4_1 tensors, {report.other_tensors} other tensors. "
+            f"fp16 rounding of the offsets: mean {report.mean_offset_rounding:.1e}, max "
+            f"{report.max_offset_rounding:.1e} quantization steps."
+        )
+    elif args.format == "gguf-lora":
+        from .export.gguf_lora import export_gguf_lora
+
+        if adapter_dir is None:
+            raise ValueError("--format gguf-lora writes the adapter itself: give ADAPTER_DIR, not -.")
+        report = export_gguf_lora(
+            args.base_dir, adapter_dir, args.out, overwrite=args.overwrite, progressbar=not args.quiet
+        )
+        print(
+            f"Wrote {report.path}: a llama.cpp LoRA adapter for {report.architecture} ({report.layers} layers, alpha "
+            f"{report.alpha:g}). Run it on the base's GGUF: llama-cli -m BASE.gguf --lora {report.path}"
+        )
+    else:
+        from .export.mlx import export_mlx
+
+        report = export_mlx(args.base_dir, adapter_dir, args.out, overwrite=args.overwrite, progressbar=not args.quiet)
+        print(
+            f"Wrote {report.out_dir}: {report.quantized_layers} {report.bits}-bit layers, group size "
+            f"{report.group_size}, {report.total_bytes / 1e9:.2f} GB in {len(report.files)} file(s)."
+        )
+    if args.push_to_hub:
+        return _push(args.out, args.push_to_hub, private=args.private)
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -61,7 +124,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    merge.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="after the merge, upload OUT_DIR (model card included) to this Hugging Face Hub model repository, "
+        "creating it if needed (log in first: `hf auth login`, or set HF_TOKEN)",
+    )
+    merge.add_argument("--private", action="store_true", help="with --push-to-hub, create the repository private")
     merge.set_defaults(run=_merge)
+
+    export = commands.add_parser(
+        "export",
+        help="write a GPTQ checkpoint with a QA-LoRA adapter folded in (or the adapter alone) as GGUF or MLX",
+        description="Export a GPTQ checkpoint with a saved QA-LoRA adapter folded into it, keeping the GPTQ codes and "
+        "scales and moving only the per-group offsets. gguf: one Q4_1 file for llama.cpp (2/3/4-bit, no act-order, "
+        "group size a multiple of 32; offsets rounded to fp16, which costs part of a trained adapter). gguf-lora: the "
+        "adapter alone as a llama.cpp LoRA GGUF, exact, to run on the base's GGUF (export BASE_DIR - base.gguf "
+        "--format gguf). mlx: an mlx-lm model folder (2/3/4/8-bit, groups that are multiples of 32, no act-order), "
+        "exact. OUT is written atomically.",
+    )
+    export.add_argument("base_dir", metavar="BASE_DIR", help="GPTQ checkpoint folder")
+    export.add_argument(
+        "adapter_dir", metavar="ADAPTER_DIR", help="QA-LoRA adapter folder, or - to convert the GPTQ checkpoint alone"
+    )
+    export.add_argument("out", metavar="OUT", help="the .gguf file (gguf, gguf-lora) or the model folder (mlx)")
+    export.add_argument("--format", required=True, choices=("gguf", "gguf-lora", "mlx"), help="output format")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    export.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="after the export, upload OUT to this Hugging Face Hub model repository, creating it if needed",
+    )
+    export.add_argument("--private", action="store_true", help="with --push-to-hub, create the repository private")
+    export.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    export.set_defaults(run=_export)
 
     convert = commands.add_parser(
         "convert",
@@ -92,11 +188,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (ValueError, FileNotFoundError) as exc:
         print(f"peft-qalora {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from .float_zero_linear import FloatZeroGPTQLinear
 from .gptq import is_gptq_layer, layer_facts
 from .layer import LayerFold, QALoraLayer, QALoraLinear, check_group_layout
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, read_zero_points
+from .model_card import attach_merged_card, merged_facts
 from .quantizer import QALoraGPTQConfig, QALoraGPTQHfQuantizer
 
 logger = logging.getLogger(__name__)
@@ -219,15 +220,19 @@ class QALoraModel(BaseTuner):
 
         Returns:
             The merged transformers model. After an integer merge its ``qalora_merge_report`` attribute holds the
-            :class:`MergeReport`.
+            :class:`MergeReport`. Its ``save_pretrained`` and ``push_to_hub`` also write the model card
+            (``README.md``: base model, quantization, adapter, zero format, merge report).
         """
         report = self._fold_all(adapter_names, zero_format, max_rounding_loss, progressbar)
+        merged_configs = {name: self.peft_config[name] for name in (adapter_names or self.active_adapters)}
         model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         if zero_format == "float":
             _store_float_zeros(model)
         else:
             _relabel_integer_merge(model)
             model.qalora_merge_report = report
+        # `save_pretrained` / `push_to_hub` of the merged model write its card (README.md) too
+        attach_merged_card(model, merged_facts(merged_configs, zero_format, report, architecture=type(model).__name__))
         return model
 
     def _fold_all(

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    NOT_INHERITED_FILES,
     SAFETENSORS_INDEX,
     GPTQTensorNames,
     atomic_folder,
@@ -34,25 +35,24 @@ from .checkpoint import (
     write_shard,
 )
 from .config import QALoraConfig, qalora_scaling
-from .gptq import facts_from_tensors, pack_qzeros, unpack_qzeros
+from .gptq import GPTQLayerFacts, facts_from_tensors, pack_qzeros, unpack_qzeros
 from .layer import check_group_layout
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, fold, group_delta, round_zeros
+from .model_card import merged_facts, write_card
 from .quantizer import QALoraGPTQConfig
 
 logger = logging.getLogger(__name__)
 
 _ADAPTER_PREFIX = "base_model.model."
-# Files a merged folder must not inherit: weights and configs are rewritten, and the base's model card and
-# GPTQModel's quantize_config.json would describe the wrong model.
-_NOT_COPIED = {"config.json", SAFETENSORS_INDEX, "README.md", "quantize_config.json"}
 
 
-def _adapter_layers(adapter_dir: str, config: QALoraConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module name: (A, B)}`` from a saved QA-LoRA adapter."""
+def read_adapter_layers(adapter_dir: str) -> tuple[QALoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The config and ``{module name: (A, B)}`` of a QA-LoRA adapter saved with ``save_pretrained``."""
+    config = QALoraConfig.from_pretrained(adapter_dir)
     if config.modules_to_save:
         raise ValueError(
             f"The adapter in {adapter_dir} trains whole modules ({config.modules_to_save}) besides QA-LoRA layers; "
-            "the offline merge folds only QA-LoRA layers. Merge it in memory with `merge_and_unload()` instead."
+            "offline tools fold only QA-LoRA layers. Merge it in memory with `merge_and_unload()` instead."
         )
     weights = load_file(os.path.join(adapter_dir, SAFETENSORS_WEIGHTS_NAME))
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -63,7 +63,44 @@ def _adapter_layers(adapter_dir: str, config: QALoraConfig) -> dict[str, tuple[t
     incomplete = [module for module, parts in layers.items() if set(parts) != {"A", "B"}]
     if not layers or incomplete:
         raise ValueError(f"{adapter_dir} holds no complete QA-LoRA layers (incomplete: {incomplete[:5]}).")
-    return {module: (parts["A"], parts["B"]) for module, parts in layers.items()}
+    return config, {module: (parts["A"], parts["B"]) for module, parts in layers.items()}
+
+
+def check_adapter_modules(adapter: dict, modules: list[str], base_dir: str) -> None:
+    """Refuse an adapter with layers the checkpoint does not have as GPTQ layers."""
+    unknown = sorted(set(adapter) - set(modules))
+    if unknown:
+        raise ValueError(
+            f"The adapter has layers that are not GPTQ layers of {base_dir}: {unknown[:5]}; it was trained on "
+            "another base model."
+        )
+
+
+def adapter_delta(
+    module: str,
+    facts: GPTQLayerFacts,
+    g_idx: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor],
+    config: QALoraConfig,
+) -> torch.Tensor:
+    """``D[g, n]`` of one layer's adapter, after checking it against the layer; ValueError names any mismatch."""
+    A, B = weights
+    problem = check_group_layout(facts, g_idx)
+    mismatches = facts.mismatches((config.base_layers or {}).get(module, {}))
+    if problem or mismatches or A.shape[1] != facts.num_groups or B.shape[0] != facts.out_features:
+        shapes = f"adapter shapes A {tuple(A.shape)}, B {tuple(B.shape)}"
+        raise ValueError(f"{module}: {problem or '; '.join(mismatches) or shapes}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ValueError(f"{module}: the adapter weights contain NaN or inf")
+    r, lora_alpha = config.rank_and_alpha(module)
+    return group_delta(A, B, qalora_scaling(lora_alpha, r, config.use_rslora), facts.group_size)
+
+
+def mismatch_error(base_dir: str, problems: list[str]) -> ValueError:
+    return ValueError(
+        f"The adapter does not match the GPTQ checkpoint {base_dir}; nothing was written:\n  "
+        + "\n  ".join(problems[:8])
+    )
 
 
 def merge_checkpoint(
@@ -81,7 +118,8 @@ def merge_checkpoint(
     Args:
         base_dir: A GPTQ checkpoint folder (``config.json`` + safetensors, single file or sharded).
         adapter_dir: What ``save_pretrained`` wrote for the QA-LoRA model.
-        out_dir: The merged model folder; written atomically (nothing appears there if the merge fails).
+        out_dir: The merged model folder; written atomically (nothing appears there if the merge fails). Besides
+            the model files it holds a model card, ``README.md``, the same as ``merge_and_unload()`` writes.
         zero_format: ``"float"`` (exact, a ``peft_qalora`` checkpoint) or ``"int"`` (a standard ``gptq_v2``
             checkpoint, with the rounding loss measured first), as in ``merge_and_unload``.
         max_rounding_loss: With ``zero_format="int"``, refuse when rounding loses more than this share.
@@ -94,19 +132,13 @@ def merge_checkpoint(
     if zero_format not in ZERO_FORMATS:
         raise ValueError(f"zero_format must be one of {ZERO_FORMATS}, got {zero_format!r}.")
     quantization = gptq_quantization(base_dir)
-    config = QALoraConfig.from_pretrained(adapter_dir)
-    adapter = _adapter_layers(adapter_dir, config)
+    config, adapter = read_adapter_layers(adapter_dir)
     check_output_folder(out_dir, overwrite)
 
     files, index = shard_files(base_dir)
     located = locate_tensors(base_dir, files)
     modules = gptq_modules(list(located))
-    unknown = sorted(set(adapter) - set(modules))
-    if unknown:
-        raise ValueError(
-            f"The adapter has layers that are not GPTQ layers of {base_dir}: {unknown[:5]}; it was trained on "
-            "another base model."
-        )
+    check_adapter_modules(adapter, modules, base_dir)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few small ops per layer: a thread pool only adds wake-up latency
@@ -136,8 +168,11 @@ def merge_checkpoint(
         _write_config(base_dir, tmp, quantization, modules, zero_format)
         for name in sorted(os.listdir(base_dir)):
             path = os.path.join(base_dir, name)
-            if os.path.isfile(path) and name not in _NOT_COPIED and name not in files:
+            if os.path.isfile(path) and name not in NOT_INHERITED_FILES and name not in files:
                 shutil.copy2(path, os.path.join(tmp, name))
+        # the card merge_and_unload() + save_pretrained() writes for the same inputs
+        architecture = (read_config(base_dir).get("architectures") or [None])[0]
+        write_card(tmp, merged_facts({"default": config}, zero_format, report, architecture, quantization))
     logger.info("Merged %d layers of %s with %s into %s", len(adapter), base_dir, adapter_dir, out_dir)
     return report
 
@@ -146,7 +181,6 @@ def _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, 
     """New zero tensors for every GPTQ layer (validated against the adapter), and the rounding report."""
     bits, group_size = int(quantization["bits"]), int(quantization["group_size"])
     checkpoint_format = quantization["checkpoint_format"]
-    recorded = config.base_layers or {}
     zeros: dict[str, torch.Tensor] = {}
     roundings = []
     problems: list[str] = []
@@ -160,19 +194,11 @@ def _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, 
         original = unpack_qzeros(tensors[names.qzeros], bits, facts.out_features, checkpoint_format).float()
         folded = original
         if module in adapter:
-            A, B = adapter[module]
-            problem = check_group_layout(facts, g_idx)
-            mismatches = facts.mismatches(recorded.get(module, {}))
-            if problem or mismatches or A.shape[1] != facts.num_groups or B.shape[0] != facts.out_features:
-                shapes = f"adapter shapes A {tuple(A.shape)}, B {tuple(B.shape)}"
-                problems.append(f"{module}: {problem or '; '.join(mismatches) or shapes}")
+            try:
+                folded = fold(original, scales, adapter_delta(module, facts, g_idx, adapter[module], config))
+            except ValueError as exc:
+                problems.append(str(exc))
                 continue
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                problems.append(f"{module}: the adapter weights contain NaN or inf")
-                continue
-            r, lora_alpha = config.rank_and_alpha(module)
-            delta = group_delta(A, B, qalora_scaling(lora_alpha, r, config.use_rslora), facts.group_size)
-            folded = fold(original, scales, delta)
         if zero_format == "float":
             zeros[module] = folded
             continue
@@ -181,10 +207,7 @@ def _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, 
         if module in adapter:
             roundings.append(rounding)
     if problems:
-        raise ValueError(
-            f"The adapter does not match the GPTQ checkpoint {base_dir}; nothing was written:\n  "
-            + "\n  ".join(problems[:8])
-        )
+        raise mismatch_error(base_dir, problems)
     return zeros, (MergeReport(roundings) if zero_format == "int" else None)
 
 

@@ -76,7 +76,7 @@ def tiny_llama_config(
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": hidden_size // 4,
-        "vocab_size": vocab_size,  # at least len(byte_level_tokenizer()) = 259
+        "vocab_size": vocab_size,  # at least len(byte_level_tokenizer()) = 263
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -90,14 +90,18 @@ def tiny_llama_config(
 
 
 def byte_level_tokenizer():
-    """A complete fast tokenizer with no download: the 256 byte tokens plus ``<unk>``, ``<s>``, ``</s>``."""
+    """A complete fast tokenizer with no download: ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens and a few merges.
+
+    The merges make it a real BPE tokenizer: llama.cpp refuses a byte-level BPE vocabulary that has none.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    merges = [("h", "e"), ("Ġ", "t"), ("i", "n"), ("e", "r")]
+    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet) + [a + b for a, b in merges])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
