@@ -11,7 +11,9 @@ The whole round trip, with the stock transformers / PEFT API:
 4. add a QA-LoRA adapter with ``get_peft_model(model, QALoraConfig(...))``, train it with ``transformers.Trainer``
    and measure again;
 5. save the adapter, merge it (``merge_and_unload``) and save the merged GPTQ model;
-6. reload the merged folder with ``AutoModelForCausalLM.from_pretrained``, check that its perplexity matches the
+6. export the merged model to GGUF ``Q4_1`` for llama.cpp (``peft_qalora.export_gguf``) and score that file too,
+   dequantized by gguf-py through transformers;
+7. reload the merged folder with ``AutoModelForCausalLM.from_pretrained``, check that its perplexity matches the
    adapter's, and generate a sample with it.
 
 The default job trains on Jane Austen's *Pride and Prejudice* and scores *Persuasion* (see ``data/README.md``). On a
@@ -438,6 +440,16 @@ def quantize_gptq(
             tokenizer.save_pretrained(staging)
 
 
+def dense_model_dir(source: ModelSource, tokenizer: PreTrainedTokenizerBase, cache_dir: Path) -> str:
+    """A transformers folder or Hub id of the unquantized model (a GGUF file is converted once and cached)."""
+    if not source.gguf_file:
+        return source.location
+    converted = source.converted_dir(cache_dir)
+    if not converted.is_dir():
+        convert_gguf(source, tokenizer, converted)
+    return str(converted)
+
+
 def prepare_gptq_checkpoint(
     source: ModelSource,
     tokenizer: PreTrainedTokenizerBase,
@@ -448,12 +460,7 @@ def prepare_gptq_checkpoint(
     device: str,
 ) -> Path:
     """A cached GPTQ quantization of ``source`` (converting it first if it is a GGUF file)."""
-    model_dir = source.location
-    if source.gguf_file:
-        converted = source.converted_dir(cache_dir)
-        if not converted.is_dir():
-            convert_gguf(source, tokenizer, converted)
-        model_dir = str(converted)
+    model_dir = dense_model_dir(source, tokenizer, cache_dir)
     # Keyed by everything that determines the result: the model, the settings and the calibration tokens.
     key = digest(source.identity().encode() + calibration.numpy().tobytes())
     dest = cache_dir / "gptq" / f"{source.name}-w{bits}g{group_size}-{key}"
@@ -657,6 +664,32 @@ def save_and_merge(model: PeftModel, tokenizer: PreTrainedTokenizerBase, out: Pa
     return adapter_dir, merged_dir
 
 
+def local_folder(checkpoint: Path | str) -> str:
+    """A local folder holding ``checkpoint`` (a Hub id resolves to the copy ``from_pretrained`` downloaded)."""
+    if Path(checkpoint).is_dir():
+        return str(checkpoint)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(str(checkpoint))
+
+
+def export_gguf(checkpoint: Path | str, adapter_dir: Path, out: Path) -> Path | None:
+    """Write the merged model as one GGUF ``Q4_1`` file for llama.cpp; ``None`` (with a warning) if GGUF cannot hold it.
+
+    Q4_1 stores a scale and a real-valued offset per block of 32 weights, so the merged zero points fit without
+    rounding them to integers (only the offset is rounded, to fp16). It takes the GPTQ base and the adapter, not the
+    merged folder. An act-order base or a group size that is not a multiple of 32 has no exact Q4_1 form.
+    """
+    gguf_file = out / "merged.Q4_1.gguf"
+    try:
+        report = peft_qalora.export_gguf(local_folder(checkpoint), str(adapter_dir), str(gguf_file), overwrite=True)
+    except ValueError as exc:
+        logger.warning("No GGUF export: %s", exc)
+        return None
+    logger.info("GGUF: offsets rounded to fp16 by at most %.1e quantization steps", report.max_offset_rounding)
+    return gguf_file
+
+
 def run(args: argparse.Namespace) -> None:
     """The whole job; raises :class:`JobError` for bad inputs before it writes anything."""
     timings = Timings()
@@ -692,9 +725,17 @@ def run(args: argparse.Namespace) -> None:
         adapter_dir, merged_dir = save_and_merge(model, job.tokenizer, job.out)
     del model  # the merged model shares its tensors; free them before loading the saved copy
 
-    # --- Export to GGUF: not available yet -----------------------------------------------------------------------
-    # GGUF Q4_1 stores a real-valued offset per block of 32 weights, so it can hold the merged model exactly
-    # (design notes, "The fold"). That export will go here and write out / "merged.Q4_1.gguf" for llama.cpp.
+    with timings.phase("Export GGUF"):
+        gguf_file = export_gguf(checkpoint, adapter_dir, job.out)
+    ppl_gguf = None
+    if gguf_file is not None:
+        with timings.phase("Perplexity GGUF"):
+            # transformers dequantizes the GGUF tensors with gguf-py: the weights llama.cpp would compute with.
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **placement(job.device)
+            )
+            ppl_gguf = perplexity(gguf_model, job.eval_blocks, args.batch_size, "GGUF Q4_1")
+            del gguf_model
 
     with timings.phase("Reload merged"):
         reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, **placement(job.device))
@@ -714,6 +755,8 @@ def run(args: argparse.Namespace) -> None:
         (f"+ QA-LoRA, after {args.steps} step{'s' * (args.steps != 1)}", ppl_adapter),
         ("merged GPTQ, reloaded from disk", ppl_merged),
     ]
+    if ppl_gguf is not None:
+        rows.append(("merged GGUF Q4_1 (dequantized)", ppl_gguf))
     summary = [
         f"Held-out perplexity ({job.eval_blocks.numel():,} tokens of {args.eval_data.name}):",
         *(f"  {label:<36}{value:8.2f}" for label, value in rows),
@@ -722,6 +765,7 @@ def run(args: argparse.Namespace) -> None:
         f"Sample from the merged model: {args.prompt}{sample}",
         f"Adapter:           {adapter_dir}",
         f"Merged GPTQ model: {merged_dir}",
+        f"GGUF (llama.cpp):  {gguf_file or 'not written'}",
         "Wall time: "
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.seconds.items())
         + f"; total {sum(timings.seconds.values()):.0f} s",
