@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a GPTQ checkpoint with a QA-LoRA adapter folded in (or the adapter alone) as GGUF or MLX",
         description="Export a GPTQ checkpoint with a saved QA-LoRA adapter folded into it, keeping the GPTQ codes and "
         "scales and moving only the per-group offsets. gguf: one Q4_1 file for llama.cpp (2/3/4-bit, no act-order, "
-        "group size a multiple of 32; offsets rounded to fp16, which costs part of a trained adapter). gguf-lora: the "
+        "group size a multiple of 32; offsets rounded to fp16, which can cost part of a small adapter). gguf-lora: the "
         "adapter alone as a llama.cpp LoRA GGUF, exact, to run on the base's GGUF (export BASE_DIR - base.gguf "
         "--format gguf). mlx: an mlx-lm model folder (2/3/4/8-bit, groups that are multiples of 32, no act-order), "
         "exact. OUT is written atomically.",

@@ -7,11 +7,11 @@ GGUF's ``Q4_1`` block holds 32 consecutive weights of a row as ``w = d * q + m``
 and scales are copied bit for bit and only ``m`` is rounded, once, to fp16. 2- and 3-bit codes fit a 4-bit field as
 they are. The packing is done here; gguf-py's own quantizer would re-quantize the weights.
 
-The one rounding is not negligible for a trained adapter: ``m`` is dominated by ``-s * z`` (``-8 s`` for a symmetric
-4-bit base), so fp16 rounds it by up to ``2^-12 * |m|``, about 0.002 steps, while a trained adapter moves a zero
-point by a few thousandths of a step. On the SmolLM2-135M example the rounding was as large as the adapter's shift
-(both 0.0006 steps median) and the GGUF kept about 70% of the adapter's held-out loss gain. The report returns the
-rounding so that it can be compared with the adapter.
+The one rounding is not always negligible: ``m`` is dominated by ``-s * z`` (``-8 s`` for a symmetric 4-bit base),
+so fp16 rounds it by up to ``2^-12 * |m|``, about 0.002 steps, while a briefly trained adapter moves a zero point by
+a few thousandths of a step. On SmolLM2-135M a 2-step adapter's shift was as large as the rounding (both 0.0006
+steps median) and the GGUF kept about 70% of its held-out loss gain; 6- and 20-step adapters kept all of it. The
+report returns the rounding so that it can be compared with the adapter.
 
 Metadata, tensor names and the tokenizer follow llama.cpp's ``convert_hf_to_gguf.py`` for the Llama family, using
 gguf-py (llama.cpp's own writer) for names, keys and vocabulary files. Llama and Mistral keep llama.cpp's q/k row
