@@ -203,6 +203,7 @@ def write_random_gptq(path: str, config: dict, bits: int, group_size: int, devic
     from safetensors.torch import save_file
 
     from peft_qalora.gptq import pack_qweight, pack_qzeros
+    from peft_qalora.testing import gptq_quantization_config
 
     os.makedirs(path, exist_ok=True)
     gen = torch.Generator(device).manual_seed(seed)
@@ -241,18 +242,7 @@ def write_random_gptq(path: str, config: dict, bits: int, group_size: int, devic
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": index}, f)
     config = dict(config)
-    config["quantization_config"] = {
-        "quant_method": "gptq",
-        "bits": bits,
-        "group_size": group_size,
-        "desc_act": False,
-        "sym": True,
-        "checkpoint_format": "gptq",
-        "pack_dtype": "int32",
-        "true_sequential": True,
-        "damp_percent": 0.01,
-        "meta": {"quantizer": ["gptqmodel:7.7.0"]},
-    }
+    config["quantization_config"] = gptq_quantization_config(bits, group_size)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return total / 1e9
@@ -369,25 +359,18 @@ def kernel_worker(args: argparse.Namespace) -> None:
         from gptqmodel.utils.importer import select_quant_linear
 
         for gs in args.group_sizes:
-            picked = select_quant_linear(
-                bits=4,
-                group_size=gs,
-                desc_act=False,
-                sym=True,
-                device=torch.device(args.device),
-                pack_dtype=torch.int32,
-                backend=BACKEND.AUTO,
-                dtype=dtype,
-            )
-            picked_train = select_quant_linear(
-                bits=4,
-                group_size=gs,
-                desc_act=False,
-                sym=True,
-                device=torch.device(args.device),
-                pack_dtype=torch.int32,
-                backend=BACKEND.AUTO_TRAINABLE,
-                dtype=dtype,
+            picked, picked_train = (
+                select_quant_linear(
+                    bits=4,
+                    group_size=gs,
+                    desc_act=False,
+                    sym=True,
+                    device=torch.device(args.device),
+                    pack_dtype=torch.int32,
+                    backend=backend,
+                    dtype=dtype,
+                )
+                for backend in (BACKEND.AUTO, BACKEND.AUTO_TRAINABLE)
             )
             with open(results_path, "a") as f:
                 f.write(

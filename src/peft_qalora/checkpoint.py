@@ -178,6 +178,14 @@ def check_output_folder(out_dir: str, overwrite: bool) -> None:
         )
 
 
+def check_output_file(out_file: str, overwrite: bool) -> None:
+    """Refuse an output file path that is a folder, or an existing file unless ``overwrite``."""
+    if os.path.isdir(out_file):
+        raise ValueError(f"{out_file} is a folder; give the path of the file to write.")
+    if os.path.exists(out_file) and not overwrite:
+        raise ValueError(f"{out_file} already exists; choose another path or pass overwrite=True (--overwrite).")
+
+
 def current_umask() -> int:
     """The process's umask (reading it needs setting it; set straight back)."""
     mask = os.umask(0)
@@ -208,6 +216,27 @@ def atomic_folder(out_dir: str) -> Iterator[str]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def atomic_file(out_file: str) -> Iterator[str]:
+    """Yield a temporary file path beside ``out_file`` that becomes ``out_file`` only if the block succeeds.
+
+    On any error (or interrupt) the temporary file is removed and ``out_file`` is left as it was.
+    """
+    out_file = os.path.abspath(out_file)
+    parent = os.path.dirname(out_file)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_file)}.", suffix=".partial", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the result gets a normal file's mode
+    os.replace(tmp, out_file)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS
 def _merge(args: argparse.Namespace) -> int:
     from .offline_merge import merge_checkpoint
 
-    if args.private and not args.push_to_hub:
-        raise ValueError("--private applies to the repository that --push-to-hub creates; pass --push-to-hub REPO.")
+    _check_hub_arguments(args)
 
     report = merge_checkpoint(
         args.base_dir,
@@ -33,6 +32,22 @@ def _merge(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         return _push(args.out_dir, args.push_to_hub, private=args.private)
     return 0
+
+
+def _add_hub_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help=f"after the {what}, upload the output (model card included) to this Hugging Face Hub model repository, "
+        "creating it if needed (log in first: `hf auth login`, or set HF_TOKEN)",
+    )
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub, create the repository private")
+
+
+def _check_hub_arguments(args: argparse.Namespace) -> None:
+    """Refuse --private without --push-to-hub before any work is done."""
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private applies to the repository that --push-to-hub creates; pass --push-to-hub REPO.")
 
 
 def _push(path: str, repo_id: str, private: bool) -> int:
@@ -54,8 +69,7 @@ def _push(path: str, repo_id: str, private: bool) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    if args.private and not args.push_to_hub:
-        raise ValueError("--private applies to the repository that --push-to-hub creates; pass --push-to-hub REPO.")
+    _check_hub_arguments(args)
     adapter_dir = None if args.adapter_dir == "-" else args.adapter_dir
     if args.format == "gguf":
         from .export.gguf import export_gguf
@@ -124,13 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    merge.add_argument(
-        "--push-to-hub",
-        metavar="REPO",
-        help="after the merge, upload OUT_DIR (model card included) to this Hugging Face Hub model repository, "
-        "creating it if needed (log in first: `hf auth login`, or set HF_TOKEN)",
-    )
-    merge.add_argument("--private", action="store_true", help="with --push-to-hub, create the repository private")
+    _add_hub_arguments(merge, "merge")
     merge.set_defaults(run=_merge)
 
     export = commands.add_parser(
@@ -150,12 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", metavar="OUT", help="the .gguf file (gguf, gguf-lora) or the model folder (mlx)")
     export.add_argument("--format", required=True, choices=("gguf", "gguf-lora", "mlx"), help="output format")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    export.add_argument(
-        "--push-to-hub",
-        metavar="REPO",
-        help="after the export, upload OUT to this Hugging Face Hub model repository, creating it if needed",
-    )
-    export.add_argument("--private", action="store_true", help="with --push-to-hub, create the repository private")
+    _add_hub_arguments(export, "export")
     export.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     export.set_defaults(run=_export)
 

@@ -695,9 +695,10 @@ def install_peft_hooks() -> None:
         PeftModel.push_to_hub = push_to_hub
 
 
-def _push_peft_model(
+def _push_with_card(
     model: Any,
     repo_id: str,
+    default_message: str,
     *,
     commit_message: Optional[str] = None,
     commit_description: Optional[str] = None,
@@ -708,11 +709,11 @@ def _push_peft_model(
     max_shard_size: Optional[Union[int, str]] = "50GB",
     tags: Optional[list[str]] = None,
 ):
-    """``PeftModel.push_to_hub`` for QALORA models (the same arguments as transformers' ``push_to_hub``)."""
+    """``push_to_hub`` of a model whose ``save_pretrained`` writes the QA-LoRA card (transformers' arguments)."""
     return push_saved(
         lambda folder: model.save_pretrained(folder, max_shard_size=max_shard_size),
         repo_id,
-        commit_message=commit_message or "Upload QA-LoRA adapter",
+        commit_message=commit_message or default_message,
         commit_description=commit_description,
         private=private,
         token=token,
@@ -720,6 +721,11 @@ def _push_peft_model(
         create_pr=create_pr,
         tags=tags,
     )
+
+
+def _push_peft_model(model: Any, repo_id: str, **kwargs: Any):
+    """``PeftModel.push_to_hub`` for QALORA models (the same arguments as transformers' ``push_to_hub``)."""
+    return _push_with_card(model, repo_id, "Upload QA-LoRA adapter", **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ merged models
@@ -752,32 +758,10 @@ def _merged_save_pretrained(self, save_directory, *args, **kwargs):
 _merged_save_pretrained.__name__ = "save_pretrained"  # the name the bound method shows
 
 
-def _merged_push_to_hub(
-    self,
-    repo_id: str,
-    *,
-    commit_message: Optional[str] = None,
-    commit_description: Optional[str] = None,
-    private: Optional[bool] = None,
-    token: Optional[Union[str, bool]] = None,
-    revision: Optional[str] = None,
-    create_pr: bool = False,
-    max_shard_size: Optional[Union[int, str]] = "50GB",
-    tags: Optional[list[str]] = None,
-):
+def _merged_push_to_hub(self, repo_id: str, *, tags: Optional[list[str]] = None, **kwargs: Any):
     """``push_to_hub`` of a merged model: uploads the checkpoint with its QA-LoRA card."""
     model_tags = list(getattr(self, "model_tags", None) or [])
-    return push_saved(
-        lambda folder: self.save_pretrained(folder, max_shard_size=max_shard_size),
-        repo_id,
-        commit_message=commit_message or "Upload QA-LoRA merged model",
-        commit_description=commit_description,
-        private=private,
-        token=token,
-        revision=revision,
-        create_pr=create_pr,
-        tags=[*model_tags, *(tags or [])],
-    )
+    return _push_with_card(self, repo_id, "Upload QA-LoRA merged model", tags=[*model_tags, *(tags or [])], **kwargs)
 
 
 _merged_push_to_hub.__name__ = "push_to_hub"

@@ -107,6 +107,25 @@ def byte_level_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def gptq_quantization_config(
+    bits: int, group_size: int, act_order: bool = False, sym: bool = True, checkpoint_format: str = "gptq"
+) -> dict:
+    """The ``quantization_config`` GPTQModel writes into ``config.json`` for these settings."""
+    return {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": act_order,
+        "sym": sym,
+        "checkpoint_format": checkpoint_format,
+        "pack_dtype": "int32",
+        "true_sequential": True,
+        "damp_percent": 0.01,
+        # gptqmodel refuses asymmetric v1 checkpoints unless a gptqmodel >= 0.9.0 wrote them.
+        "meta": {"quantizer": ["gptqmodel:7.7.0"]},
+    }
+
+
 def act_order_g_idx(in_features: int, group_size: int, generator: torch.Generator) -> torch.Tensor:
     """A random act-order ``g_idx``: every group has ``group_size`` channels, scattered over the row."""
     perm = torch.randperm(in_features, generator=generator)
@@ -199,19 +218,7 @@ def write_gptq_checkpoint(
             synthetic.dense_state_dict[key] = tensors[key].float()
     write_safetensors(path, tensors, shards)
 
-    config["quantization_config"] = {
-        "quant_method": "gptq",
-        "bits": bits,
-        "group_size": group_size,
-        "desc_act": act_order,
-        "sym": sym,
-        "checkpoint_format": checkpoint_format,
-        "pack_dtype": "int32",
-        "true_sequential": True,
-        "damp_percent": 0.01,
-        # gptqmodel refuses asymmetric v1 checkpoints unless a gptqmodel >= 0.9.0 wrote them.
-        "meta": {"quantizer": ["gptqmodel:7.7.0"]},
-    }
+    config["quantization_config"] = gptq_quantization_config(bits, group_size, act_order, sym, checkpoint_format)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     byte_level_tokenizer().save_pretrained(path)

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import current_umask, read_config
+from ..checkpoint import atomic_file, check_output_file, read_config
 from .merged_checkpoint import AffineLayer, MergedCheckpoint, TensorEntry
 
 logger = logging.getLogger(__name__)
@@ -145,7 +144,7 @@ def export_gguf(
 def _export(
     base_dir: str, adapter_dir: Optional[str], out_file: str, overwrite: bool, progressbar: bool
 ) -> GGUFExportReport:
-    _check_output_file(out_file, overwrite)
+    check_output_file(out_file, overwrite)
     config, architecture = _read_config_for_export(base_dir)
     arch, permute_qk = SUPPORTED_ARCHITECTURES[architecture]
     checkpoint = MergedCheckpoint(base_dir, adapter_dir)
@@ -154,28 +153,19 @@ def _export(
     plan = _plan_tensors(checkpoint, config, arch, permute_qk, rope)
     vocab = _read_vocabulary(base_dir, config, arch)
 
-    parent = os.path.dirname(out_file)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_file)}.", suffix=".partial", dir=parent)
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-    try:
-        _add_metadata(writer, config, base_dir, rope)
-        vocab.add_to(writer)
-        for item in plan:
-            writer.add_tensor_info(item.gguf_name, item.shape, np.float32, item.nbytes, raw_dtype=item.ggml_type)
-        writer.write_header_to_file(Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        max_rounding, mean_rounding = _write_tensors(writer, checkpoint, plan, rope, progressbar)
-        writer.close()
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the result gets a normal file's mode
-        os.replace(tmp, out_file)
-    except BaseException:
-        writer.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(out_file) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        try:
+            _add_metadata(writer, config, base_dir, rope)
+            vocab.add_to(writer)
+            for item in plan:
+                writer.add_tensor_info(item.gguf_name, item.shape, np.float32, item.nbytes, raw_dtype=item.ggml_type)
+            writer.write_header_to_file(Path(tmp))
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            max_rounding, mean_rounding = _write_tensors(writer, checkpoint, plan, rope, progressbar)
+        finally:
+            writer.close()
     quantized = sum(item.ggml_type == _Q4_1 for item in plan)
     logger.info(
         "Wrote %s: %d Q4_1 tensors, %d other tensors; fp16 rounding of the offsets: mean %.2e, max %.2e steps",
@@ -190,13 +180,6 @@ def _export(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checks, all before any file is created
-
-
-def _check_output_file(out_file: str, overwrite: bool) -> None:
-    if os.path.isdir(out_file):
-        raise ValueError(f"{out_file} is a folder; give the path of the .gguf file to write.")
-    if os.path.exists(out_file) and not overwrite:
-        raise ValueError(f"{out_file} already exists; choose another path or pass overwrite=True (--overwrite).")
 
 
 def _read_config_for_export(base_dir: str) -> tuple[dict, str]:
@@ -429,7 +412,7 @@ def _read_vocabulary(base_dir: str, config: dict, arch: gguf.MODEL_ARCH) -> _Voc
     if not special.merges:
         raise ValueError(
             f"The byte-level BPE tokenizer of {base_dir} has no merges; llama.cpp refuses such a vocabulary "
-            "(\"cannot find tokenizer merges in model file\") and GGUF cannot store an empty merge list. Save a "
+            '("cannot find tokenizer merges in model file") and GGUF cannot store an empty merge list. Save a '
             "tokenizer with its merges (tokenizer.json) into the checkpoint folder."
         )
     add_bos = None

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +35,10 @@ import torch
 from peft.utils import CONFIG_NAME
 from tqdm.auto import tqdm
 
-from ..checkpoint import current_umask
+from ..checkpoint import atomic_file, check_output_file
 from ..config import QALoraConfig, qalora_scaling
 from ..offline_merge import read_adapter_layers
-from .gguf import SUPPORTED_ARCHITECTURES, _check_exact, _check_output_file, _read_config_for_export, permute_rows
+from .gguf import SUPPORTED_ARCHITECTURES, _check_exact, _read_config_for_export, permute_rows
 from .merged_checkpoint import MergedCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ def export_gguf_lora(
             an unsupported architecture, or an existing ``out_file`` without ``overwrite``.
     """
     out_file = os.path.abspath(out_file)
-    _check_output_file(out_file, overwrite)
+    check_output_file(out_file, overwrite)
     config, architecture = _read_config_for_export(base_dir)
     arch, permute_qk = SUPPORTED_ARCHITECTURES[architecture]
     _check_qalora_adapter(adapter_dir)
@@ -230,30 +229,21 @@ def _lora_pairs(
 
 def _write(out_file: str, arch: gguf.MODEL_ARCH, adapter_dir: str, alpha: float, pairs: list[_LoraPair]) -> None:
     """The GGUF file, written to a temporary file beside ``out_file`` and renamed into place."""
-    parent = os.path.dirname(out_file)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_file)}.", suffix=".partial", dir=parent)
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-    try:
-        # The keys convert_lora_to_gguf.py writes (set_type, then the model name, set_gguf_parameters and the
-        # quantization version of ModelBase.prepare_metadata), and nothing of the base's hyperparameters.
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_name(os.path.basename(os.path.abspath(adapter_dir).rstrip("/")) or "adapter")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for pair in pairs:
-            writer.add_tensor(f"{pair.base_name}.lora_a", pair.A, raw_dtype=_F32)
-            writer.add_tensor(f"{pair.base_name}.lora_b", pair.B, raw_dtype=_F32)
-        writer.write_header_to_file(Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the result gets a normal file's mode
-        os.replace(tmp, out_file)
-    except BaseException:
-        writer.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(out_file) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        try:
+            # The keys convert_lora_to_gguf.py writes (set_type, then the model name, set_gguf_parameters and the
+            # quantization version of ModelBase.prepare_metadata), and nothing of the base's hyperparameters.
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_name(os.path.basename(os.path.abspath(adapter_dir).rstrip("/")) or "adapter")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for pair in pairs:
+                writer.add_tensor(f"{pair.base_name}.lora_a", pair.A, raw_dtype=_F32)
+                writer.add_tensor(f"{pair.base_name}.lora_b", pair.B, raw_dtype=_F32)
+            writer.write_header_to_file(Path(tmp))
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
