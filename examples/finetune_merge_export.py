@@ -487,8 +487,9 @@ def placement(device: str) -> dict[str, Any]:
 def load_gptq_model(location: Path | str, bits: int, device: str) -> PreTrainedModel:
     """Load a GPTQ checkpoint for training, the stock way.
 
-    ``backend="gptq_torch"`` picks GPTQModel's ``TorchLinear``, the one kernel with an exact forward and backward
-    everywhere; transformers' default for 4 bits on CPU switches to an inference-only path after an eval step.
+    QA-LoRA trains on any kernel that keeps the GPTQ tensors (it computes the base's training forward itself), but
+    the evaluation passes use the kernel's own forward: ``backend="gptq_torch"`` (``TorchLinear``) computes the same on
+    every machine, where the default differs by CPU (AVX-512 or ATen) and by GPU (Marlin, which QA-LoRA refuses).
     fp32: bf16 matmuls are many times slower on most CPUs.
     """
     with warnings.catch_warnings():

@@ -2,24 +2,27 @@
 
 It never calls the adapter's pooling: each projection is a plain fp32 linear layer whose weight is the
 dequantized GPTQ weight (from the codes the test itself wrote) plus the group-constant delta expanded to every
-input channel, ``dW[n, k] = scaling * (B @ A)[n, g_idx[k]] / group_size``.
+input channel, ``dW[n, k] = scaling * (B @ A)[n, g_idx[k]] / count(g_idx[k])``, where ``count(g)`` is the number of
+channels of group ``g`` (``group_size``, or fewer in a partial last group).
 """
 
+import torch
 from torch import nn
 
 
 class ExpandedDeltaLinear(nn.Module):
-    def __init__(self, weight, A, B, scaling, g_idx, group_size):
+    def __init__(self, weight, A, B, scaling, g_idx):
         super().__init__()
         self.register_buffer("weight", weight)
         self.A = nn.Parameter(A.detach().clone())
         self.B = nn.Parameter(B.detach().clone())
         self.scaling = scaling
         self.register_buffer("g_idx", g_idx.long())
-        self.group_size = group_size
+        # channels per group, counted here from the test's own g_idx
+        self.register_buffer("channel_count", torch.bincount(self.g_idx).float()[self.g_idx])
 
     def forward(self, x):
-        delta = self.scaling * (self.B @ self.A)[:, self.g_idx] / self.group_size
+        delta = self.scaling * (self.B @ self.A)[:, self.g_idx] / self.channel_count
         return nn.functional.linear(x, self.weight + delta)
 
 
@@ -30,7 +33,6 @@ def reference_model(synthetic, peft_model, adapter="default"):
     """
     config = peft_model.peft_config[adapter]
     scaling = config.lora_alpha / config.r
-    group_size = synthetic.config["quantization_config"]["group_size"]
     model = synthetic.dense_model()
     replaced = {}
     for name, layer in synthetic.layers.items():
@@ -42,7 +44,6 @@ def reference_model(synthetic, peft_model, adapter="default"):
             adapted.qalora_B[adapter].weight,
             scaling,
             layer.g_idx,
-            group_size,
         )
         setattr(model.get_submodule(parent_name), child, module)
         replaced[name] = module

@@ -44,11 +44,13 @@ def test_model_that_is_not_quantized():
     assert_untouched(model)
 
 
-def test_in_features_not_a_multiple_of_the_group_size(gptq_checkpoint):
-    synthetic = gptq_checkpoint(bits=4, group_size=32, config=tiny_llama_config(intermediate_size=80))
-    model = load_gptq(synthetic.path)
+def test_g_idx_with_an_empty_group(gptq_checkpoint):
+    """Partial groups are fine (tests/test_partial_groups.py); a g_idx that leaves a group empty is not."""
+    model = load_gptq(gptq_checkpoint(bits=4).path, backend="gptq_torch")
+    down_proj = model.model.layers[0].mlp.down_proj
+    down_proj.g_idx = torch.where(down_proj.g_idx == 1, 0, down_proj.g_idx).to(down_proj.g_idx.dtype)
     with pytest.raises(
-        ValueError, match=r"model.layers.0.mlp.down_proj: in_features=80 is not a multiple of group_size=32"
+        ValueError, match=r"model.layers.0.mlp.down_proj: its g_idx assigns no input channel to group\(s\) \[1\]"
     ):
         get_peft_model(model, QALoraConfig(target_modules="all-linear"))
     assert_untouched(model)

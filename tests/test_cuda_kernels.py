@@ -29,7 +29,8 @@ def test_float_zero_dequantize_kernel_matches_reference():
             scales = (torch.rand(K // group_size, N) + 0.01).half()
             zeros = torch.rand(K // group_size, N) * 2**bits  # real-valued, as after a merge
             layer = types.SimpleNamespace(
-                in_features=K, out_features=N, bits=bits, qweight=pack_qweight(codes, bits), scales=scales, zeros=zeros
+                in_features=K, out_features=N, bits=bits, group_size=group_size, qweight=pack_qweight(codes, bits),
+                scales=scales, zeros=zeros,
             )
             g = torch.arange(K) // group_size
             reference = (codes.double() - zeros.double()[g]) * scales.double()[g]

@@ -257,6 +257,20 @@ def no_leftovers(folder):
     return [name for name in os.listdir(folder) if name.endswith(".partial")] == []
 
 
+def test_config_without_architectures(tmp_path):
+    """A config.json written from a config object names no architectures: model_type decides, as in transformers."""
+    synthetic = write_gptq_checkpoint(tmp_path / "base")
+    with open(os.path.join(synthetic.path, "config.json")) as f:
+        config = json.load(f)
+    del config["architectures"]
+    with open(os.path.join(synthetic.path, "config.json"), "w") as f:
+        json.dump(config, f)
+    export_gguf(synthetic.path, None, str(tmp_path / "model.gguf"), progressbar=False)
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    field = reader.get_field("general.architecture")
+    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+
+
 def unsupported_architecture(tmp_path):
     synthetic = write_gptq_checkpoint(tmp_path / "base")
     with open(os.path.join(synthetic.path, "config.json")) as f:

@@ -84,7 +84,8 @@ def test_patterns_dropout_and_rslora(gptq_checkpoint, input_ids):
         use_rslora=True,
         lora_dropout=0.5,
     )
-    model = get_peft_model(load_gptq(synthetic.path), config)
+    # Trains with layers left unadapted: an inference-only default kernel would refuse that (tests/test_kernels.py).
+    model = get_peft_model(load_gptq(synthetic.path, backend="gptq_torch"), config)
     wrapped = {n for n, m in model.get_base_model().named_modules() if isinstance(m, QALoraLinear)}
     assert wrapped == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
     v_proj = model.get_base_model().get_submodule("model.layers.1.self_attn.v_proj")

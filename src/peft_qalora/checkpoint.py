@@ -18,7 +18,7 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -50,6 +50,20 @@ def read_config(folder: str) -> dict:
         raise ValueError(f"{folder} has no config.json: it is not a transformers model folder.")
     with open(path) as f:
         return json.load(f)
+
+
+def model_architecture(config: dict) -> Optional[str]:
+    """The model class a ``config.json`` describes, resolved as ``AutoModelForCausalLM`` resolves it.
+
+    ``architectures`` names it when present; configs written from a config object (and by some converters) have none,
+    and then ``model_type`` decides, through transformers' causal-LM mapping (``llama`` -> ``LlamaForCausalLM``).
+    """
+    architectures = config.get("architectures")
+    if architectures:
+        return architectures[0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
 
 
 def gptq_quantization(folder: str) -> dict:

@@ -40,8 +40,7 @@ from .checkpoint import (
     shard_files,
 )
 from .config import QALoraConfig, check_weights_file
-from .gptq import GPTQLayerFacts, facts_from_tensors
-from .layer import check_group_layout
+from .gptq import GPTQLayerFacts, check_group_layout, facts_from_tensors, group_counts
 from .model import QUANTIZATION_KEYS
 
 logger = logging.getLogger(__name__)
@@ -194,6 +193,15 @@ def _qalora_to_peft_qalora(in_dir: str, base_model_dir: Optional[str]) -> tuple[
         "PEFT's use_qalora pools contiguous blocks of channels and cannot express these groups. Convert to 'lora' "
         "instead: a plain LoRA adapter keeps act-order groups exactly",
     )
+    partial = [module for module, layer in layers.items() if layer.facts.has_partial_group]
+    if partial:
+        facts = layers[partial[0]].facts
+        raise ValueError(
+            f"Cannot convert {in_dir} to PEFT's use_qalora: {len(partial)} adapted layers (e.g. {partial[0]}, "
+            f"in_features={facts.in_features}, group_size={facts.group_size}) end in a partial quantization group, "
+            "and PEFT's use_qalora requires in_features to be a multiple of qalora_group_size. Convert to 'lora' "
+            "instead: a plain LoRA adapter holds partial groups exactly."
+        )
     group_sizes = sorted({layer.facts.group_size for layer in layers.values()})
     if len(group_sizes) > 1:
         raise ValueError(
@@ -214,11 +222,20 @@ def _qalora_to_lora(in_dir: str, base_model_dir: Optional[str]) -> tuple[LoraCon
     layers = _qalora_layers(in_dir, source, base_model_dir, need_g_idx=True)
     tensors = {}
     for module, layer in layers.items():
-        g_idx = layer.g_idx.to(torch.int64)
-        counts = torch.bincount(g_idx, minlength=layer.facts.num_groups).float()
-        A_dense = (layer.A.float() / counts)[:, g_idx]
-        tensors.update(_layer_tensors(module, "lora_", A_dense.to(layer.A.dtype), layer.B))
+        A_plain = plain_lora_A(layer.A, layer.g_idx)
+        tensors.update(_layer_tensors(module, "lora_", A_plain.to(layer.A.dtype), layer.B))
     return LoraConfig(**_lora_fields(source, sorted(layers))), tensors
+
+
+def plain_lora_A(A: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """QA-LoRA's ``A`` (r x groups) as a plain LoRA ``A'`` (r x in_features, fp32) with the same function.
+
+    QA-LoRA multiplies ``A`` with the mean of each quantization group, so column ``k`` of ``A'`` is the column of
+    ``k``'s group divided by the number of channels in that group (a partial last group has fewer).
+    """
+    g_idx = g_idx.to(torch.int64)
+    counts = group_counts(g_idx, A.shape[1]).float()
+    return (A.detach().float() / counts)[:, g_idx]
 
 
 # --------------------------------------------------------------------------------------------- reading adapters

@@ -35,7 +35,7 @@ class FloatZeroGPTQLinear(nn.Module):
         self.group_size = group_size
         self.in_features = in_features
         self.out_features = out_features
-        groups = in_features // effective_group_size(self)
+        groups = -(-in_features // effective_group_size(self))  # a last, shorter group when the size does not divide
         self.register_buffer("qweight", torch.zeros(in_features * bits // pack_bits, out_features, dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.float32))
@@ -98,6 +98,11 @@ class FloatZeroGPTQLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out.reshape(out_shape)
 
+    def has_regular_groups(self) -> bool:
+        """Whether the channels sorted by group are runs of ``group_size`` (the last may be shorter), as GPTQ writes."""
+        self._group_order()
+        return self._order_cache[1]
+
     def _use_int4_kernel(self, x: torch.Tensor) -> bool:
         return (
             self.bits == 4
@@ -105,6 +110,8 @@ class FloatZeroGPTQLinear(nn.Module):
             and x.dtype == torch.float32
             and x.shape[0] <= INT4_KERNEL_MAX_ROWS
             and self.group_size in INT4_KERNEL_GROUP_SIZES
+            and self.in_features % self.group_size == 0
+            and self.has_regular_groups()
             and not (torch.is_grad_enabled() and x.requires_grad)
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         )
@@ -112,19 +119,36 @@ class FloatZeroGPTQLinear(nn.Module):
     def _group_order(self) -> torch.Tensor | None:
         """The input channels sorted by group, or ``None`` when groups are already contiguous; cached."""
         if self._order_cache is None:
-            order = torch.argsort(self.g_idx.long(), stable=True)
+            g_idx = self.g_idx.long()
+            order = torch.argsort(g_idx, stable=True)
             identity = bool(torch.equal(order, torch.arange(self.in_features, device=order.device)))
-            self._order_cache = (None if identity else order,)
+            # What GPTQ writes, with or without act-order: sorted by group, runs of group_size channels (the last run
+            # shorter for a partial group). Any other valid g_idx takes a gather per weight instead.
+            canonical = torch.arange(self.in_features, device=order.device) // effective_group_size(self)
+            regular = bool(torch.equal(g_idx[order], canonical))
+            self._order_cache = (None if identity else order, regular)
         return self._order_cache[0]
 
     def _dequantize_by_group(self, order: torch.Tensor | None) -> torch.Tensor:
-        """The weight with rows in group order: scales and zeros broadcast per group in place, without gathers."""
+        """The weight with rows in group order: scales and zeros broadcast per group in place, without gathers.
+
+        Rows sorted by group are runs of ``group_size`` rows per group, the last run shorter for a partial group.
+        """
         codes = unpack_qweight(self.qweight, self.bits, self.in_features)
         if order is not None:
             codes = codes.index_select(0, order)
-        weight = codes.view(self.scales.shape[0], -1, self.out_features).to(torch.float32)
-        weight.sub_(self.zeros.unsqueeze(1)).mul_(self.scales.float().unsqueeze(1))
-        return weight.view(self.in_features, self.out_features)
+        weight = codes.to(torch.float32)
+        if not self._order_cache[1]:
+            g = self.g_idx.long() if order is None else self.g_idx.long()[order]
+            return weight.sub_(self.zeros[g]).mul_(self.scales.float()[g])
+        group_size = effective_group_size(self)
+        full = self.in_features // group_size * group_size
+        head = weight[:full].view(-1, group_size, self.out_features)
+        groups = head.shape[0]
+        head.sub_(self.zeros[:groups].unsqueeze(1)).mul_(self.scales[:groups].float().unsqueeze(1))
+        if full < self.in_features:  # the partial last group
+            weight[full:].sub_(self.zeros[groups]).mul_(self.scales[groups].float())
+        return weight
 
     def _int4_operands(self, order: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes repacked for the int4 kernel (rows in group order) and per-group (scale, offset); cached."""

@@ -143,7 +143,13 @@ class GPTQLayerFacts:
 
     @property
     def num_groups(self) -> int:
-        return self.in_features // self.group_size
+        """Groups per row: ``ceil(in_features / group_size)``; when the group size does not divide the row, GPTQ
+        quantizes the remaining channels as a last, shorter group."""
+        return -(-self.in_features // self.group_size)
+
+    @property
+    def has_partial_group(self) -> bool:
+        return self.in_features % self.group_size != 0
 
     def to_dict(self) -> dict:
         return {
@@ -162,6 +168,37 @@ class GPTQLayerFacts:
             for key, value in self.to_dict().items()
             if key in recorded and recorded[key] != value
         ]
+
+
+def group_counts(g_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """How many input channels each group holds (int64, ``num_groups`` long): ``count(g)`` in DESIGN.md."""
+    return torch.bincount(g_idx.detach().to(torch.int64).flatten(), minlength=num_groups)
+
+
+def contiguous_group_counts(in_features: int, group_size: int) -> torch.Tensor:
+    """Channels per group of a layer without act-order: ``group_size`` each, the last group what remains."""
+    counts = torch.full((-(-in_features // group_size),), group_size, dtype=torch.int64)
+    counts[-1] = in_features - group_size * (counts.numel() - 1)
+    return counts
+
+
+def check_group_layout(facts: GPTQLayerFacts, g_idx: torch.Tensor) -> str | None:
+    """Why QA-LoRA cannot pool over this layer's groups, or ``None`` if it can.
+
+    Any ``g_idx`` whose groups are all non-empty works: contiguous or act-order, full groups or a last partial one.
+    """
+    if g_idx.numel() != facts.in_features:
+        return f"its g_idx has {g_idx.numel()} entries for {facts.in_features} input channels"
+    counts = group_counts(g_idx, facts.num_groups)
+    if counts.numel() != facts.num_groups or int(g_idx.min()) < 0:
+        return (
+            f"its g_idx names groups outside 0..{facts.num_groups - 1} (in_features={facts.in_features}, "
+            f"group_size={facts.group_size})"
+        )
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        return f"its g_idx assigns no input channel to group(s) {empty[:5]}; every quantization group needs one"
+    return None
 
 
 def effective_group_size(layer: nn.Module) -> int:

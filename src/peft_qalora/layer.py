@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -15,15 +14,17 @@ from torch import nn
 
 from .config import qalora_scaling
 from .float_zero_linear import FloatZeroGPTQLinear
-from .gptq import GPTQLayerFacts, is_gptq_layer, layer_facts, pack_qzeros
+from .gptq import check_group_layout, group_counts, is_gptq_layer, layer_facts, pack_qzeros
+from .gptq_kernels import (
+    TRAINABLE_BACKEND,
+    gptq_forward_with_input_grad,
+    gptq_layout_problem,
+    kernel_trains,
+    pin_gptq_layout,
+    refusal_hint,
+    release_gptq_layout,
+)
 from .merge import LayerRounding, fold, group_delta, in_memory_zero_format, read_zero_points, round_zeros
-
-logger = logging.getLogger(__name__)
-
-# GPTQModel kernels with a one-way switch to an inference-only path: the first forward in eval mode without
-# gradients repacks the weights and from then on runs under `torch.no_grad` (DESIGN.md, "Traps").
-_INFERENCE_MODE = "inference"
-_TRAIN_MODE = "train"
 
 
 @dataclass
@@ -34,22 +35,6 @@ class LayerFold:
     zeros: torch.Tensor  # fp32 real-valued zeros, or int64 integer zeros
     zero_format: str  # "float" or "int"
     rounding: Optional[LayerRounding] = None
-
-
-def check_group_layout(facts: GPTQLayerFacts, g_idx: torch.Tensor) -> Optional[str]:
-    """Why QA-LoRA cannot pool over this layer's groups, or ``None`` if it can."""
-    if facts.in_features % facts.group_size:
-        return (
-            f"in_features={facts.in_features} is not a multiple of group_size={facts.group_size}; QA-LoRA pools whole "
-            "quantization groups, so every group must hold group_size input channels"
-        )
-    counts = torch.bincount(g_idx.detach().to("cpu", torch.int64), minlength=facts.num_groups)
-    if counts.numel() != facts.num_groups or not bool((counts == facts.group_size).all()):
-        return (
-            f"its g_idx does not assign exactly group_size={facts.group_size} channels to each of its "
-            f"{facts.num_groups} groups (counts {counts.min().item()}..{counts.max().item()})"
-        )
-    return None
 
 
 class QALoraLayer(BaseTunerLayer):
@@ -76,6 +61,9 @@ class QALoraLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if not (is_gptq_layer(base) or isinstance(base, FloatZeroGPTQLinear)):
             raise TypeError(f"QA-LoRA wraps GPTQModel GPTQ linear layers, got {type(base).__name__}.")
+        problem = None if isinstance(base, FloatZeroGPTQLinear) else gptq_layout_problem(base)
+        if problem:
+            raise ValueError(f"Cannot adapt this {type(base).__name__}: {problem}. {refusal_hint(int(base.bits))}")
         self.facts = layer_facts(base)
         problem = check_group_layout(self.facts, base.g_idx)
         if problem:
@@ -84,39 +72,36 @@ class QALoraLayer(BaseTunerLayer):
         self.out_features = self.facts.out_features
         self.num_groups = self.facts.num_groups
         self.group_size = self.facts.group_size
-        # With act-order the channels of a group are scattered; gather them group by group so that pooling is
-        # a reshape-and-sum in both cases. Not persistent: it is derived from the base layer's g_idx.
-        order = torch.argsort(base.g_idx.detach().to(torch.int64), stable=True) if self.facts.act_order else None
-        self.register_buffer("qalora_group_order", order, persistent=False)
-        self._pin_training_path(base)
+        self._register_pooling(base.g_idx)
+        self._pinned_linear_mode = pin_gptq_layout(base)
 
-    def _pin_training_path(self, base: nn.Module) -> None:
-        """Keep GPTQModel kernels with a one-way inference switch on their differentiable path.
+    def _register_pooling(self, g_idx: torch.Tensor) -> None:
+        """Precompute how the input channels pool into groups. Buffers are not persistent: they derive from g_idx.
 
-        TorchAtenLinear and TorchFusedLinear repack their weights and drop gradients for good after their first
-        bf16/fp16 forward in eval mode without gradients (an evaluation step inside training is enough). Pinning
-        them to the dequantize-matmul path keeps every later training step exact.
+        * ``qalora_group_order``: with act-order the channels of a group are scattered; gathering them group by group
+          makes pooling a reshape-and-sum in every case GPTQ produces.
+        * ``qalora_group_counts``: channels per group. Every group but the last holds ``group_size`` channels; the last
+          holds fewer when ``group_size`` does not divide ``in_features`` (a partial group). The mean divides each
+          group's sum by its own count, so the fold stays exact.
+        * ``qalora_group_index``: ``g_idx`` itself, kept only for layouts that are not "full groups, then at most one
+          shorter last group" once sorted (never written by GPTQ, but a valid ``g_idx``): pooled by a scatter-add.
         """
-        mode = getattr(base, "linear_mode", None)
-        self._pinned_linear_mode = False
-        if not hasattr(base, "linear_mode"):
-            return
-        if mode is None:
-            base.linear_mode = _TRAIN_MODE
-            self._pinned_linear_mode = True
-        elif mode == _INFERENCE_MODE:
-            logger.warning(
-                "%s already switched to its inference-only kernel (an eval forward in fp16/bf16 happened before the "
-                "adapter was added); it returns no gradient, so training through this layer will raise. Load the "
-                'model with `GPTQConfig(bits=..., backend="gptq_torch")` to train.',
-                type(base).__name__,
-            )
+        g_idx = g_idx.detach().to(torch.int64)
+        counts = group_counts(g_idx, self.num_groups)
+        self._full_groups = self.in_features // self.group_size
+        regular = bool((counts[: self._full_groups] == self.group_size).all())
+        order = torch.argsort(g_idx, stable=True) if self.facts.act_order and regular else None
+        self.register_buffer("qalora_group_order", order, persistent=False)
+        self.register_buffer("qalora_group_counts", counts, persistent=False)
+        self.register_buffer("qalora_group_index", None if regular else g_idx, persistent=False)
+        # Equal groups defer the mean's 1 / group_size to the output scale (one scalar); others scale each group.
+        self._equal_groups = regular and not self.facts.has_partial_group
 
     def release_base_layer(self) -> nn.Module:
         """The base layer, with the kernel mode this layer pinned handed back to the kernel."""
         base = self.get_base_layer()
-        if self._pinned_linear_mode and getattr(base, "linear_mode", None) == _TRAIN_MODE:
-            base.linear_mode = None
+        if self._pinned_linear_mode:
+            release_gptq_layout(base)
             self._pinned_linear_mode = False
         return base
 
@@ -160,13 +145,30 @@ class QALoraLayer(BaseTunerLayer):
     def group_sums(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Sum of ``x`` over each quantization group: (..., in_features) -> (..., num_groups).
 
-        QA-LoRA pools with the group mean; the forward applies the ``1 / group_size`` with the output scale, so that
-        the backward of the pooling is a free broadcast rather than a full-size division. ``dtype`` accumulates (and
-        returns) in that dtype without a full-size copy of ``x``.
+        ``dtype`` accumulates (and returns) in that dtype without a full-size copy of ``x``.
         """
+        if self.qalora_group_index is not None:
+            src = x if dtype is None else x.to(dtype)
+            return src.new_zeros(*x.shape[:-1], self.num_groups).index_add(-1, self.qalora_group_index, src)
         if self.qalora_group_order is not None:
             x = x.index_select(-1, self.qalora_group_order)
-        return x.unflatten(-1, (self.num_groups, self.group_size)).sum(-1, dtype=dtype)
+        full = self._full_groups * self.group_size
+        sums = x[..., :full].unflatten(-1, (self._full_groups, self.group_size)).sum(-1, dtype=dtype)
+        if full == self.in_features:
+            return sums
+        return torch.cat([sums, x[..., full:].sum(-1, keepdim=True, dtype=dtype)], dim=-1)
+
+    def pool(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, float]:
+        """QA-LoRA's group-mean pooling, as ``(pooled, factor)``: the group means are ``pooled * factor``.
+
+        With equal groups the mean's ``1 / group_size`` is returned as ``factor``, for the forward to apply with the
+        output scale, so that the backward of the pooling is a free broadcast rather than a full-size division. With a
+        partial group each group's sum is divided by its own count here (a tokens x groups tensor) and ``factor`` is 1.
+        """
+        sums = self.group_sums(x, dtype)
+        if self._equal_groups:
+            return sums, 1.0 / self.group_size
+        return sums / self.qalora_group_counts.to(sums.dtype), 1.0
 
     def group_delta(self, adapter_name: str) -> torch.Tensor:
         """``D[g, n]``: the adapter's change to every weight of group ``g`` in output ``n`` (groups x out, fp32).
@@ -174,7 +176,7 @@ class QALoraLayer(BaseTunerLayer):
         ``W[n, k] + D[g_idx[k], n]`` is the adapted dense weight (DESIGN.md, "The adapter").
         """
         A, B = self.qalora_A[adapter_name].weight, self.qalora_B[adapter_name].weight
-        return group_delta(A, B, self.scaling[adapter_name], self.group_size)
+        return group_delta(A, B, self.scaling[adapter_name], self.qalora_group_counts)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter as a dense weight change (out x in), constant inside each quantization group."""
@@ -251,7 +253,7 @@ class QALoraLinear(nn.Module, QALoraLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         result = self._base_forward(x, *args, **kwargs)
         self._check_gradient_path(x, result)
         if self.merged:
@@ -262,12 +264,13 @@ class QALoraLinear(nn.Module, QALoraLayer):
             A = self.qalora_A[active_adapter]
             B = self.qalora_B[active_adapter]
             dropout = self.qalora_dropout[active_adapter]
-            alpha = self.scaling[active_adapter] / self.group_size  # the group mean's 1/group_size, and the scale
             if _HALF_INPUT_FAST_PATH and _is_half(x) and _is_half(result) and A.weight.dtype == torch.float32:
                 # Half-precision model, fp32 adapter (PEFT's default): pool with fp32 accumulation and run B in the
                 # model's dtype, so that no (tokens x in) or (tokens x out) fp32 tensor is made. Those full-size casts
                 # and elementwise ops cost more than the adapter's matmuls (benchmarks/gpu.py, profile).
-                hidden = A(self.group_sums(dropout(x), dtype=torch.float32))
+                pooled, mean_factor = self.pool(dropout(x), dtype=torch.float32)
+                alpha = self.scaling[active_adapter] * mean_factor
+                hidden = A(pooled)
                 flat = torch.addmm(
                     result.reshape(-1, self.out_features),
                     hidden.reshape(-1, hidden.shape[-1]).to(result.dtype),
@@ -276,7 +279,9 @@ class QALoraLinear(nn.Module, QALoraLayer):
                 )
                 result = flat.view(result.shape)
                 continue
-            hidden = A(self.group_sums(dropout(self._cast_input_dtype(x, A.weight.dtype))))
+            pooled, mean_factor = self.pool(dropout(self._cast_input_dtype(x, A.weight.dtype)))
+            alpha = self.scaling[active_adapter] * mean_factor
+            hidden = A(pooled)
             if hidden.dtype == result.dtype:
                 # One fused op for B, the scale and the residual add: the (tokens x out_features) tensors dominate
                 # the adapter's cost (benchmarks/train_step.py).
@@ -292,27 +297,48 @@ class QALoraLinear(nn.Module, QALoraLayer):
         return result
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # On CUDA, training through a GPTQModel torch/Triton layer keeps each layer's dense dequantized weight for the
-        # backward (a bf16 copy of the whole model at the peak); dequantize again in the backward instead
-        # (kernels/gptq_cuda.py). Same function and gradient; only where it applies, else the kernel's own forward.
-        if not args and not kwargs and x.is_cuda and torch.is_grad_enabled() and x.requires_grad:
+        """The base layer's output; in training, computed from the GPTQ tensors.
+
+        The kernel ``from_pretrained`` picked may be inference-only (``TorchCpuAvx512Linear``), compute an fp32 model in
+        bf16 (``TorchFusedLinear``), or keep each layer's dense weight for the backward (GPTQModel's torch/Triton train
+        path on CUDA: a bf16 copy of the whole model at the peak). Computing the base from its GPTQ tensors with a
+        re-dequantizing backward gives the same function and gradient on every kernel (gptq_kernels.py; on CUDA with
+        GPTQModel's Triton dequantize, kernels/gptq_cuda.py). Inference keeps the kernel's own forward.
+        """
+        base = self.base_layer
+        training = self.training or (torch.is_grad_enabled() and x.requires_grad)
+        if args or kwargs or not training or not is_gptq_layer(base):
+            return base(x, *args, **kwargs)
+        if x.is_cuda:
             from .kernels import gptq_recompute_forward, recompute_supported
 
-            base = self.base_layer
             if recompute_supported(base, x):
                 return gptq_recompute_forward(base, x)
-        return self.base_layer(x, *args, **kwargs)
+        return gptq_forward_with_input_grad(base, x, in_memory_zero_format(base, self.checkpoint_format))
+
+    def train(self, mode: bool = True) -> QALoraLinear:
+        """Like ``nn.Module.train``, but an inference-only GPTQ kernel stays in eval mode (its ``train()`` raises).
+
+        Its training forward is computed from the GPTQ tensors (:meth:`_base_forward`), so it needs no train mode.
+        """
+        base = self.get_base_layer()
+        if not mode or kernel_trains(base):
+            return super().train(mode)
+        self.training = True
+        for child in self.children():
+            if child is not base:
+                child.train(True)
+        return self
 
     def _check_gradient_path(self, x: torch.Tensor, result: torch.Tensor) -> None:
-        # Kernel-agnostic: if the input carries a gradient but the base output does not, the kernel ran a
+        # Kernel-agnostic safety net: if the input carries a gradient but the base output does not, the kernel ran a
         # no-grad path and every adapter before this layer would silently get a wrong (partial) gradient.
         if torch.is_grad_enabled() and x.requires_grad and not result.requires_grad:
             base = self.get_base_layer()
             raise RuntimeError(
-                f"The GPTQ kernel {type(base).__name__} returned an output without gradient: it switched to its "
-                "inference-only path, so training through it would give wrong gradients. Load the model for "
-                'training with `GPTQConfig(bits=..., backend="gptq_torch")`, or add the adapter before running any '
-                "fp16/bf16 inference with the model."
+                f"The GPTQ kernel {type(base).__name__} returned an output without gradient: it ran an inference-only "
+                "path, so training through it would give wrong gradients. Load the model for training with "
+                f'`GPTQConfig(bits=..., backend="{TRAINABLE_BACKEND}")`.'
             )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

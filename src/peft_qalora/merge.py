@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 from torch import nn
@@ -50,12 +51,16 @@ def read_zero_points(layer: nn.Module, checkpoint_format: str | None) -> torch.T
     return unpack_qzeros(qzeros, int(layer.bits), int(layer.out_features), zero_format).float()
 
 
-def group_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, group_size: int) -> torch.Tensor:
-    """``D[g, n] = scaling * (B @ A)[n, g] / group_size``: the adapter's change to every weight of a group (fp32).
+def group_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, counts: Union[int, torch.Tensor]) -> torch.Tensor:
+    """``D[g, n] = scaling * (B @ A)[n, g] / count(g)``: the adapter's change to every weight of a group (fp32).
 
-    Both the in-memory and the offline merge call this, so they agree to the bit.
+    ``counts`` holds each group's number of input channels (a tensor, :func:`peft_qalora.gptq.group_counts`), or one
+    number when all groups are equal. Both the in-memory and the offline merge call this, so they agree to the bit.
     """
-    return (scaling / group_size) * (B.detach().float() @ A.detach().float()).t()
+    delta = scaling * (B.detach().float() @ A.detach().float()).t()
+    if isinstance(counts, torch.Tensor):
+        return delta / counts.to(device=delta.device, dtype=delta.dtype).unsqueeze(1)
+    return delta / counts
 
 
 def fold(zeros: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

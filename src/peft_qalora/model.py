@@ -18,8 +18,16 @@ from tqdm.auto import tqdm
 
 from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig
 from .float_zero_linear import FloatZeroGPTQLinear
-from .gptq import is_gptq_layer, layer_facts
-from .layer import LayerFold, QALoraLayer, QALoraLinear, check_group_layout
+from .gptq import check_group_layout, is_gptq_layer, layer_facts
+from .gptq_kernels import (
+    TRAINABLE_BACKEND,
+    gptq_layout_problem,
+    kernel_trains,
+    pin_gptq_layout,
+    refusal_hint,
+    release_gptq_layout,
+)
+from .layer import LayerFold, QALoraLayer, QALoraLinear
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, read_zero_points
 from .model_card import attach_merged_card, merged_facts
 from .quantizer import QALoraGPTQConfig, QALoraGPTQHfQuantizer
@@ -52,6 +60,11 @@ def gptq_layer_names(model: nn.Module) -> list[str]:
             continue  # inside an existing adapter layer
         names.append(name.removesuffix(".base_layer"))
     return names
+
+
+def _bits(model: nn.Module) -> int | str:
+    """The model's GPTQ bits, for error messages that show the ``GPTQConfig(bits=...)`` line to use."""
+    return (base_quantization(model) or {}).get("bits", "...")
 
 
 def base_quantization(model: nn.Module) -> dict | None:
@@ -97,6 +110,7 @@ class QALoraModel(BaseTuner):
             peft_config.target_modules = set(names)
 
         problems: list[str] = []
+        kernel_problems: list[str] = []
         facts = {}
         for name, module in model.named_modules():
             if not name or any(part.startswith(self.prefix) for part in name.split(".")):
@@ -111,16 +125,54 @@ class QALoraModel(BaseTuner):
                     "adapts only GPTQ-quantized linear layers"
                 )
                 continue
+            layout_problem = gptq_layout_problem(base)
+            if layout_problem:
+                kernel_problems.append(f"{name}: {layout_problem}")
+                continue
             facts[name] = layer_facts(base)
             problem = check_group_layout(facts[name], base.g_idx)
             if problem:
                 problems.append(f"{name}: {problem}")
+        if kernel_problems:
+            raise ValueError(
+                "Cannot add the QA-LoRA adapter; nothing was changed. QA-LoRA reads the quantization groups and zero "
+                "points from the GPTQ tensors, trains through them and folds into them, and these layers no longer "
+                "hold them:" + _listing(kernel_problems) + "\n" + refusal_hint(_bits(model))
+            )
         if problems:
             raise ValueError(
                 "Cannot add the QA-LoRA adapter; nothing was changed. Fix `target_modules`/`exclude_modules` or the "
                 "base model:" + _listing(problems)
             )
+        if not peft_config.inference_mode:
+            self._check_untargeted_layers_train(model, set(facts))
         self._check_recorded_base(peft_config, facts)
+
+    @staticmethod
+    def _check_untargeted_layers_train(model: nn.Module, targeted: set[str]) -> None:
+        """Refuse a trainable adapter when GPTQ layers it leaves alone use an inference-only kernel.
+
+        Adapted layers train on any GPTQ-layout kernel (QALoraLinear computes their training forward), but
+        ``model.train()``, which every trainer calls, reaches the others too, and GPTQModel's inference-only kernels
+        raise there.
+        """
+        frozen = [
+            f"{name} ({type(module).__name__})"
+            for name, module in model.named_modules()
+            # a layer wrapped by an earlier adapter trains already (QALoraLinear.train)
+            if is_gptq_layer(module)
+            and not kernel_trains(module)
+            and not name.endswith(".base_layer")
+            and name not in targeted
+        ]
+        if frozen:
+            raise ValueError(
+                "Cannot add a trainable QA-LoRA adapter; nothing was changed. These GPTQ layers are not adapted and "
+                "use an inference-only GPTQModel kernel, whose `train()` raises when a trainer calls "
+                "`model.train()`:" + _listing(frozen) + '\nAdapt them too (e.g. `target_modules="all-linear"`), or '
+                "load the model with a trainable kernel: `AutoModelForCausalLM.from_pretrained(..., "
+                f'quantization_config=GPTQConfig(bits={_bits(model)}, backend="{TRAINABLE_BACKEND}"))`.'
+            )
 
     @staticmethod
     def _check_recorded_base(peft_config: QALoraConfig, facts: dict) -> None:
@@ -141,6 +193,7 @@ class QALoraModel(BaseTuner):
             )
 
     def _post_injection_hook(self, model: nn.Module, config: QALoraConfig, adapter_name: str) -> None:
+        self._pin_unadapted_layers(model)
         if config.base_quantization is None:
             config.base_quantization = base_quantization(model)
         if hasattr(model, "add_model_tags"):
@@ -172,6 +225,26 @@ class QALoraModel(BaseTuner):
             # an additional adapter is not trainable until it is activated
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _pin_unadapted_layers(self, model: nn.Module) -> None:
+        """Keep the GPTQ layers no adapter wraps on their GPTQ-layout path too (``gptq_kernels.pin_gptq_layout``).
+
+        Otherwise an evaluation step during training would switch them, for good, to an inference kernel under
+        ``torch.no_grad``, and every adapter before them would get a silently wrong gradient. :meth:`unload` hands the
+        kernel its choice back.
+        """
+        pinned = getattr(self, "_pinned_layers", [])
+        for name, module in model.named_modules():
+            if is_gptq_layer(module) and not name.endswith(".base_layer") and pin_gptq_layout(module):
+                pinned.append(module)
+        self._pinned_layers = pinned
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        for module in getattr(self, "_pinned_layers", []):
+            release_gptq_layout(module)
+        self._pinned_layers = []
+        return model
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         if isinstance(child, BaseTunerLayer) and not isinstance(new_module, BaseTunerLayer):
@@ -235,6 +308,22 @@ class QALoraModel(BaseTuner):
         attach_merged_card(model, merged_facts(merged_configs, zero_format, report, architecture=type(model).__name__))
         return model
 
+    def _check_unadapted_layers_readable(self) -> None:
+        """A float merge rewrites every GPTQ layer as a float-zero layer: the unadapted ones must hold GPTQ codes."""
+        problems = [
+            f"{name}: {problem}"
+            for name, module in self.model.named_modules()
+            if is_gptq_layer(module) and not name.endswith(".base_layer") and (problem := gptq_layout_problem(module))
+        ]
+        if problems:
+            raise ValueError(
+                "Cannot merge; nothing was changed. The merged model stores every GPTQ layer with real-valued zero "
+                "points, read from the GPTQ tensors, and these layers (not adapted) no longer hold them:"
+                + _listing(problems)
+                + "\nReload the base model, load the adapter onto it with `PeftModel.from_pretrained`, and merge "
+                "before running inference."
+            )
+
     def _fold_all(
         self, adapter_names: Optional[list[str]], zero_format: str, max_rounding_loss: float, progressbar: bool
     ) -> Optional[MergeReport]:
@@ -242,6 +331,8 @@ class QALoraModel(BaseTuner):
         if zero_format not in ZERO_FORMATS:
             raise ValueError(f"zero_format must be one of {ZERO_FORMATS}, got {zero_format!r}.")
         self._check_merge_allowed()
+        if zero_format == "float":
+            self._check_unadapted_layers_readable()
         layers = {name: m for name, m in self.model.named_modules() if isinstance(m, QALoraLinear)}
         folds: dict[str, LayerFold] = {}
         for name, layer in tqdm(layers.items(), disable=not progressbar, desc="Folding adapters into zero points"):

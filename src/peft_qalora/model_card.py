@@ -36,6 +36,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 from peft.utils import CONFIG_NAME
 
+from .checkpoint import model_architecture
 from .peft_type import QALORA
 
 logger = logging.getLogger(__name__)
@@ -488,7 +489,7 @@ def write_model_card(
         adapters={"default": adapter_summary(adapter)} if adapter is not None else {},
         merge=merge,
         export=export,
-        pipeline_tag=pipeline_tag_for((config.get("architectures") or [None])[0]),
+        pipeline_tag=pipeline_tag_for(model_architecture(config)),
         inherited=inherited,
     )
     return write_card(folder, facts, repo_id=repo_id, tags=tags)

@@ -28,6 +28,7 @@ from .checkpoint import (
     gptq_modules,
     gptq_quantization,
     locate_tensors,
+    model_architecture,
     read_config,
     read_tensors,
     shard_files,
@@ -35,8 +36,7 @@ from .checkpoint import (
     write_shard,
 )
 from .config import QALoraConfig, qalora_scaling
-from .gptq import GPTQLayerFacts, facts_from_tensors, pack_qzeros, unpack_qzeros
-from .layer import check_group_layout
+from .gptq import GPTQLayerFacts, check_group_layout, facts_from_tensors, group_counts, pack_qzeros, unpack_qzeros
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, fold, group_delta, round_zeros
 from .model_card import merged_facts, write_card
 from .quantizer import QALoraGPTQConfig
@@ -93,7 +93,8 @@ def adapter_delta(
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise ValueError(f"{module}: the adapter weights contain NaN or inf")
     r, lora_alpha = config.rank_and_alpha(module)
-    return group_delta(A, B, qalora_scaling(lora_alpha, r, config.use_rslora), facts.group_size)
+    counts = group_counts(g_idx, facts.num_groups)
+    return group_delta(A, B, qalora_scaling(lora_alpha, r, config.use_rslora), counts)
 
 
 def mismatch_error(base_dir: str, problems: list[str]) -> ValueError:
@@ -171,7 +172,7 @@ def merge_checkpoint(
             if os.path.isfile(path) and name not in NOT_INHERITED_FILES and name not in files:
                 shutil.copy2(path, os.path.join(tmp, name))
         # the card merge_and_unload() + save_pretrained() writes for the same inputs
-        architecture = (read_config(base_dir).get("architectures") or [None])[0]
+        architecture = model_architecture(read_config(base_dir))
         write_card(tmp, merged_facts({"default": config}, zero_format, report, architecture, quantization))
     logger.info("Merged %d layers of %s with %s into %s", len(adapter), base_dir, adapter_dir, out_dir)
     return report

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_file, check_output_file, read_config
+from ..checkpoint import atomic_file, check_output_file, model_architecture, read_config
 from .merged_checkpoint import AffineLayer, MergedCheckpoint, TensorEntry
 
 logger = logging.getLogger(__name__)
@@ -184,10 +184,11 @@ def _export(
 
 def _read_config_for_export(base_dir: str) -> tuple[dict, str]:
     config = read_config(base_dir)
-    architecture = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    architecture = model_architecture(config)
     if architecture not in SUPPORTED_ARCHITECTURES:
+        described = architecture or f"model_type={config.get('model_type')!r}"
         raise ValueError(
-            f"{base_dir} holds a {architecture} model; the GGUF export supports "
+            f"{base_dir} holds a {described} model; the GGUF export supports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}. For other architectures merge into a GPTQ checkpoint instead "
             "(peft-qalora merge) or serve the adapter unmerged (peft-qalora convert --to lora)."
         )
@@ -213,13 +214,17 @@ def _check_exact(checkpoint: MergedCheckpoint, base_dir: str) -> None:
             "(peft-qalora convert --to lora)."
         )
     for module, facts in checkpoint.facts.items():
-        if facts.group_size % _BLOCK or facts.in_features % _BLOCK:
+        # Every group, a partial last one included, must be whole blocks: then the row length is too.
+        last = facts.in_features - facts.group_size * (facts.num_groups - 1)
+        if facts.group_size % _BLOCK or last % _BLOCK:
+            partial = f", the last group {last}" if facts.has_partial_group else ""
             raise ValueError(
-                f"{base_dir} has group size {facts.group_size} (layer {module}, {facts.in_features} input channels); "
-                f"GGUF cannot hold it exactly: a Q4_1 block shares one scale and offset over {_BLOCK} consecutive "
-                f"input channels, so the group size and row length must be multiples of {_BLOCK} (32, 64, 128, or "
-                "-1 for whole rows). Use a base quantized with such a group size, the MLX export (group sizes 32, "
-                "64, 128), or merge into a GPTQ checkpoint (peft-qalora merge)."
+                f"{base_dir} has group size {facts.group_size} (layer {module}, {facts.in_features} input channels"
+                f"{partial}); GGUF cannot hold it exactly: a Q4_1 block shares one scale and offset over {_BLOCK} "
+                f"consecutive input channels, so every quantization group (a partial last one included) must hold "
+                f"multiples of {_BLOCK} channels. "
+                "Use a base quantized with such a group size, the MLX export (groups of 32, 64, 128), or merge "
+                "into a GPTQ checkpoint (peft-qalora merge)."
             )
 
 
@@ -546,26 +551,27 @@ def permute_rows(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def pack_q4_1(layer: AffineLayer) -> tuple[np.ndarray, float]:
-    """The ``Q4_1`` bytes of a folded GPTQ layer (rows x blocks*20, uint8), and ``|fp16(m) - m| / s`` per group.
+    """The ``Q4_1`` bytes of a folded GPTQ layer (rows x blocks*20, uint8), and ``|fp16(m) - m| / s`` per block.
 
     ``d`` is the GPTQ scale bit for bit, ``m = -s*z + D`` rounded to fp16, and block byte ``j`` holds code ``j`` in
     its low nibble and code ``j + 16`` in its high nibble (``block_q4_1`` in llama.cpp's ggml-common.h).
     """
     rows, columns = layer.shape
-    groups, per_group = columns // layer.group_size, layer.group_size // _BLOCK
-    scales = layer.scales.to(torch.float16).numpy()  # (rows, groups)
-    offsets = layer.offsets.numpy()
+    blocks = columns // _BLOCK
+    block_scales, block_offsets = layer.blocks(_BLOCK)  # a GPTQ group of n * 32 channels is n blocks alike
+    scales = block_scales.to(torch.float16).numpy()  # (rows, blocks)
+    offsets = block_offsets.numpy()
     offsets_fp16 = offsets.astype(np.float16)  # numpy rounds float64 to fp16 once; torch goes via fp32, twice
     with np.errstate(divide="ignore", invalid="ignore"):
         steps = np.abs(offsets_fp16.astype(np.float64) - offsets) / scales.astype(np.float64)
     steps = np.where(scales != 0, steps, 0.0)
-    out = np.empty((rows, groups, per_group, _BLOCK_BYTES), dtype=np.uint8)
-    out[..., :4] = np.stack([scales, offsets_fp16], axis=-1).view(np.uint8)[:, :, None, :]  # d, m of every block
+    out = np.empty((rows, blocks, _BLOCK_BYTES), dtype=np.uint8)
+    out[..., :4] = np.stack([scales, offsets_fp16], axis=-1).view(np.uint8)  # d, m of every block
     # Eight codes per uint64 word: codes < 16, so shifting a whole word by 4 moves each code into its byte's high
     # nibble without spilling into the next byte; codes j and j + 16 of a block share byte j.
-    words = np.ascontiguousarray(layer.codes.numpy()).view(np.uint64).reshape(rows, groups, per_group, 2, 2)
+    words = np.ascontiguousarray(layer.codes.numpy()).view(np.uint64).reshape(rows, blocks, 2, 2)
     packed = words[..., 0, :] | (words[..., 1, :] << np.uint64(4))
-    out[..., 4:] = packed.view(np.uint8).reshape(rows, groups, per_group, _BLOCK // 2)
+    out[..., 4:] = packed.view(np.uint8).reshape(rows, blocks, _BLOCK // 2)
     return out.reshape(rows, columns // _BLOCK * _BLOCK_BYTES), steps
 
 
@@ -591,7 +597,7 @@ def _write_tensors(
                         permute_rows(tensor.scales, item.permute_heads),
                         permute_rows(tensor.offsets, item.permute_heads),
                         tensor.bits,
-                        tensor.group_size,
+                        tensor.group_counts,
                     )
                 data, steps = pack_q4_1(tensor)
                 max_rounding = max(max_rounding, float(steps.max(initial=0.0)))

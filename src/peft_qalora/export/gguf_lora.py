@@ -8,7 +8,7 @@ base: ``export_gguf(base_dir, None, "base.gguf")``) plus this file, which llama.
 (``llama-cli -m base.gguf --lora adapter.gguf``, ``llama-server --lora``), computing ``W x + scale * B (A' x)``.
 
 The adapter becomes a plain LoRA first, exactly as ``peft-qalora convert --to lora`` does
-(:mod:`peft_qalora.convert`): ``A'[:, k] = A[:, g_idx[k]] / group_size`` (r x in_features) has the same function as
+(:mod:`peft_qalora.convert`): ``A'[:, k] = A[:, g_idx[k]] / count(g_idx[k])`` (r x in_features) has the same function as
 QA-LoRA's ``A`` on the group means. The file is what llama.cpp's ``convert_lora_to_gguf.py`` writes for a PEFT LoRA
 adapter: ``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha`` (float32), the base's
 ``general.architecture``, and per adapted layer ``<base tensor name>.lora_a`` (ggml shape ``[in_features, r]``,
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_file, check_output_file
 from ..config import QALoraConfig, qalora_scaling
+from ..convert import plain_lora_A
 from ..offline_merge import read_adapter_layers
 from .gguf import SUPPORTED_ARCHITECTURES, _check_exact, _read_config_for_export, permute_rows
 from .merged_checkpoint import MergedCheckpoint
@@ -74,7 +75,7 @@ def export_gguf_lora(
 ) -> GGUFLoraExportReport:
     """Write a QA-LoRA adapter as a llama.cpp LoRA adapter GGUF for the GGUF of its GPTQ base.
 
-    The adapter is expanded to a plain LoRA (``A'[:, k] = A[:, g_idx[k]] / group_size``, the same function) and
+    The adapter is expanded to a plain LoRA (``A'[:, k] = A[:, g_idx[k]] / count(g_idx[k])``, the same function) and
     written as llama.cpp's ``convert_lora_to_gguf.py`` writes a PEFT LoRA adapter, in F32, so llama.cpp computes
     exactly what the QA-LoRA model computes on top of the base GGUF. Pair it with the base converted by
     :func:`~peft_qalora.export.gguf.export_gguf` without an adapter (``export_gguf(base_dir, None, "base.gguf")``):
@@ -129,16 +130,6 @@ def export_gguf_lora(
         os.path.basename(out_file),
     )
     return GGUFLoraExportReport(out_file, gguf.MODEL_ARCH_NAMES[arch], len(pairs), alpha, rescaled)
-
-
-def plain_lora_A(A: torch.Tensor, g_idx: torch.Tensor, group_size: int) -> torch.Tensor:
-    """QA-LoRA's ``A`` (r x groups) as a plain LoRA ``A'`` (r x in_features, fp32) with the same function.
-
-    QA-LoRA multiplies ``A`` with the mean of each quantization group, so column ``k`` of ``A'`` is the column of
-    ``k``'s group divided by the group's size (every group holds ``group_size`` channels): the expansion of
-    ``peft-qalora convert --to lora``.
-    """
-    return (A.detach().float() / group_size)[:, g_idx.to(torch.int64)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,8 +196,7 @@ def _lora_pairs(
         A, B = adapter[module]
         facts = checkpoint.facts[module]
         # act-order bases are refused before this point, so a layer's groups are contiguous runs of channels
-        g_idx = torch.arange(facts.in_features) // facts.group_size
-        A_plain = plain_lora_A(A, g_idx, facts.group_size)
+        A_plain = plain_lora_A(A, torch.arange(facts.in_features) // facts.group_size)
         r, lora_alpha = adapter_config.rank_and_alpha(module)
         # PEFT's scale for this layer against llama.cpp's; any ratio goes into lora_b so that llama.cpp's product
         # alpha / rank * B' equals PEFT's scaling * B (computed in float64, rounded once to float32).

@@ -28,7 +28,7 @@ from ..checkpoint import (
     read_config,
     shard_files,
 )
-from ..gptq import GPTQLayerFacts, facts_from_tensors, unpack_qweight, unpack_qzeros
+from ..gptq import GPTQLayerFacts, contiguous_group_counts, facts_from_tensors, unpack_qweight, unpack_qzeros
 from ..offline_merge import adapter_delta, check_adapter_modules, mismatch_error, read_adapter_layers
 
 _GPTQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
@@ -38,23 +38,35 @@ _GPTQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 class AffineLayer:
     """One GPTQ layer with its adapter folded in: ``w[n, k] = scales[n, g(k)] * codes[n, k] + offsets[n, g(k)]``.
 
-    Rows are output channels and groups are contiguous runs of ``group_size`` input channels (act-order layers are
-    refused before one is built), which is the layout GGUF and MLX store.
+    Rows are output channels and groups are contiguous runs of input channels, ``group_counts[g]`` long (all
+    ``group_size`` but a partial last group; act-order layers are refused before one is built), which is the layout
+    GGUF and MLX store.
     """
 
     codes: torch.Tensor  # (out_features, in_features), uint8, the GPTQ codes unchanged
     scales: torch.Tensor  # (out_features, groups), the checkpoint's scales unchanged (fp16)
     offsets: torch.Tensor  # (out_features, groups), float64: -s * z + D, rounded once by each format
     bits: int
-    group_size: int
+    group_counts: torch.Tensor  # (groups,), int64: input channels per group
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def blocks(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and offsets per run of ``size`` input channels (rows x in_features / size).
+
+        ``size`` must divide every group: a GPTQ group of ``count`` channels becomes ``count / size`` blocks with the
+        same scale and offset, which is exact.
+        """
+        if bool((self.group_counts % size).any()):
+            raise ValueError(f"blocks of {size} channels do not tile groups of {self.group_counts.unique().tolist()}")
+        repeats = self.group_counts // size
+        return self.scales.repeat_interleave(repeats, dim=1), self.offsets.repeat_interleave(repeats, dim=1)
+
     def dequantize(self) -> torch.Tensor:
         """The dense fp32 weight (out_features x in_features)."""
-        expand = lambda t: t.repeat_interleave(self.group_size, dim=1)  # noqa: E731
+        expand = lambda t: t.repeat_interleave(self.group_counts, dim=1)  # noqa: E731
         return (expand(self.scales.double()) * self.codes.double() + expand(self.offsets)).float()
 
 
@@ -171,7 +183,8 @@ class MergedCheckpoint:
         offsets = -scales.double() * zeros.double()
         if module in self._adapter:
             offsets += self._delta(module).double()
-        return AffineLayer(codes, scales.t().contiguous(), offsets.t().contiguous(), self.bits, facts.group_size)
+        counts = contiguous_group_counts(facts.in_features, facts.group_size)
+        return AffineLayer(codes, scales.t().contiguous(), offsets.t().contiguous(), self.bits, counts)
 
     def _facts(self, module: str) -> GPTQLayerFacts:
         names = GPTQTensorNames(module)

@@ -205,14 +205,18 @@ def _check_quantization(checkpoint: MergedCheckpoint) -> dict[str, int]:
         )
     group_sizes, problems = {}, []
     for module, facts in checkpoint.facts.items():
-        group = next((size for size in MLX_GROUP_SIZES if facts.group_size % size == 0), None)
-        if group is None or facts.in_features % facts.group_size:
-            problems.append(f"{module}: group size {facts.group_size}, {facts.in_features} input channels")
+        # One MLX group size per layer that tiles every GPTQ group, a partial last group included.
+        last = facts.in_features - facts.group_size * (facts.num_groups - 1)
+        group = next((size for size in MLX_GROUP_SIZES if facts.group_size % size == 0 and last % size == 0), None)
+        if group is None:
+            partial = f" (last group {last})" if facts.has_partial_group else ""
+            problems.append(f"{module}: group size {facts.group_size}{partial}, {facts.in_features} input channels")
         group_sizes[module] = group
     if problems:
         raise ValueError(
-            f"MLX quantizes contiguous groups of 32, 64 or 128 weights, so an exact export needs GPTQ groups that "
-            f"are whole multiples of 32 and fill each row; {len(problems)} layers of {checkpoint.base_dir} do not:\n  "
+            f"MLX quantizes contiguous groups of 32, 64 or 128 weights, so an exact export needs GPTQ groups (a "
+            f"partial last group included) that are whole multiples of 32; {len(problems)} layers of "
+            f"{checkpoint.base_dir} do not:\n  "
             + "\n  ".join(problems[:3])
             + ("\n  ..." if len(problems) > 3 else "")
             + "\nRe-quantize the base with group_size 32, 64 or 128, or merge into GPTQ (peft-qalora merge) instead."
@@ -289,10 +293,10 @@ def _write_shard(path: str, shard: list[list[_Tensor]], stream, group_sizes: dic
 def _write_layer(f, layer: AffineLayer, group: int) -> None:
     for start in range(0, layer.codes.shape[0], _ROW_CHUNK):
         _write_tensor(f, pack_rows(layer.codes[start : start + _ROW_CHUNK], layer.bits))
-    # A GPTQ group of `group_size` is `group_size / group` MLX groups with the same scale and bias.
-    repeat = layer.group_size // group
-    _write_tensor(f, layer.scales.to(_SCALE_DTYPE).repeat_interleave(repeat, dim=1))
-    _write_tensor(f, layer.offsets.to(_SCALE_DTYPE).repeat_interleave(repeat, dim=1))
+    # A GPTQ group of n * `group` channels is n MLX groups with the same scale and bias.
+    scales, offsets = layer.blocks(group)
+    _write_tensor(f, scales.to(_SCALE_DTYPE))
+    _write_tensor(f, offsets.to(_SCALE_DTYPE))
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..gptq import effective_group_size
+
 try:  # Triton is optional: CPU installs may not have it
     import triton
     import triton.language as tl
@@ -165,7 +167,7 @@ def float_zero_supported(layer: nn.Module, x: torch.Tensor) -> bool:
         and layer.qweight.dtype == torch.int32
         and layer.qweight.is_contiguous()
         and layer._group_order() is None
-        and layer.in_features % layer.scales.shape[0] == 0
+        and layer.has_regular_groups()  # group k // group_size, the last group possibly shorter
     )
 
 
@@ -189,7 +191,8 @@ def dequantize_float_zeros(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor
     K, N = layer.in_features, layer.out_features
     out = torch.empty((K, N), device=layer.qweight.device, dtype=dtype)
     zeros = layer.zeros if layer.zeros.dtype == torch.float32 else layer.zeros.float()
-    operands = (layer.qweight, layer.scales.contiguous(), zeros.contiguous(), out, K, N, K // layer.scales.shape[0])
+    group_size = effective_group_size(layer)
+    operands = (layer.qweight, layer.scales.contiguous(), zeros.contiguous(), out, K, N, group_size)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter (tests): one fixed tile
         grid = (triton.cdiv(K, 32), triton.cdiv(N, 128))
         _dequant_float_zeros_kernel[grid](*operands, BITS=layer.bits, BLOCK_K=32, BLOCK_N=128)
