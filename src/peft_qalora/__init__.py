@@ -16,6 +16,7 @@ from .export.gguf import export_gguf
 from .export.gguf_lora import export_gguf_lora
 from .export.mlx import export_mlx
 from .float_zero_linear import FloatZeroGPTQLinear
+from .fsdp import prepare_model_for_fsdp
 from .layer import QALoraLayer, QALoraLinear
 from .merge import MergeReport, RoundingLossError
 from .model import QALoraModel
@@ -42,6 +43,7 @@ __all__ = [
     "export_gguf_lora",
     "export_mlx",
     "merge_checkpoint",
+    "prepare_model_for_fsdp",
     "write_model_card",
 ]
 
