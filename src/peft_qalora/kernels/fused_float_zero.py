@@ -236,7 +236,14 @@ def fused_supported(layer: nn.Module, x: torch.Tensor, max_rows: int | None = -1
         and _block_k(_group_size(layer)) > 0
         and layer.scales.shape[0] == -(-layer.in_features // _group_size(layer))
         and layer._group_order() is None
+        and _regular_groups(layer)
     )
+
+
+def _regular_groups(layer: nn.Module) -> bool:
+    """Whether channel ``k`` is in group ``k // group_size``, the last group possibly shorter (what GPTQ writes)."""
+    check = getattr(layer, "has_regular_groups", None)  # FloatZeroGPTQLinear's own test, where it has one
+    return True if check is None else bool(check())
 
 
 def _group_size(layer: nn.Module) -> int:
