@@ -90,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--profile", nargs="*", default=[], help="variants to profile for one step (first train shape)")
+    p.add_argument(
+        "--layer-backends",
+        nargs="+",
+        default=["gptq_marlin", "gptq_triton", "gptq_torch"],
+        help="GPTQModel backends timed per layer in the layers phase",
+    )
+    p.add_argument("--serve-modes", nargs="+", default=["eager", "static"], help="serve phase: eager, static")
     p.add_argument("--kernel-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -803,6 +810,371 @@ def run_genpair(args: argparse.Namespace, config: dict, tmp: str) -> None:
     free_memory()
 
 
+# --------------------------------------------------------------------------- issue 14: fused small-batch kernel
+
+LAYER_SHAPES = {"q_proj": (4096, 4096), "gate_proj": (4096, 11008), "down_proj": (11008, 4096)}
+
+
+def random_float_zero_layer(k: int, n: int, group_size: int, device: str, seed: int = 0):
+    """A merged layer with random 4-bit codes, fp16 scales and real-valued fp32 zeros (a trained adapter's shift)."""
+    from peft_qalora import FloatZeroGPTQLinear
+    from peft_qalora.gptq import pack_qweight
+
+    gen = torch.Generator(device).manual_seed(seed)
+    groups = -(-k // group_size)
+    codes = torch.randint(0, 16, (k, n), device=device, generator=gen, dtype=torch.int32)
+    layer = FloatZeroGPTQLinear(4, group_size, k, n).to(device)
+    layer.qweight = pack_qweight(codes, 4)
+    layer.scales = random_scales((groups, n), device, gen).half()
+    layer.zeros = 8 - 0.01 * torch.randn((groups, n), device=device, generator=gen)
+    g = torch.arange(k, device=device) // group_size
+    reference = (codes.double() - layer.zeros.double()[g]) * layer.scales.double()[g]  # (k, n), from the codes
+    return layer, codes, reference
+
+
+def bench_us(fn: Callable[[], Any], quick: bool = False) -> float:
+    """GPU us per call, do_bench median. Its events enclose the Python launch: under CPU load (run 6 compiled Marlin
+    beside the sweep) a kernel shorter than its launch reads as the launch time; graph_us() does not."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median") * 1e3
+
+
+def graph_us(fn: Callable[[], Any]) -> float:
+    """GPU us per call replayed from a CUDA graph (no launch overhead): the kernel time that decoding with CUDA
+    graphs (a compiled static-cache ``generate``) pays; NaN where ``fn`` cannot be captured."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+    except Exception:  # noqa: BLE001 - e.g. a kernel that synchronizes
+        torch.cuda.synchronize()
+        return float("nan")
+
+
+def tinygemm_operands(codes: torch.Tensor, layer, group_size: int):
+    """torch's CUDA int4 kernel (tinygemm): w = (q - 8) * scale + offset, bf16 scales and offsets."""
+    n = codes.shape[1]
+    packed_u8 = (codes.t()[:, ::2] << 4 | codes.t()[:, 1::2]).to(torch.uint8).contiguous()  # (n, k/2), even k high
+    packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+    scales = layer.scales.float()
+    offsets = scales * (8 - layer.zeros)
+    return packed, torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous(), n
+
+
+@torch.no_grad()
+def run_tiles(args: argparse.Namespace) -> None:
+    """The fused kernel alone: exactness against the codes, a tile sweep, and the row count where cuBLAS takes over."""
+    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm, set_fused_gemm
+    from peft_qalora.kernels import fused_float_zero as fz
+
+    dtype = dtype_of(args)
+    for name, (k, n) in LAYER_SHAPES.items():
+        layer, codes, reference = random_float_zero_layer(k, n, 128, args.device)
+        dense = x_bf = None
+        for rows in (1, 16, 32, 64):
+            x = torch.randn(rows, k, device=args.device, dtype=dtype)
+            exact = x.double() @ reference
+            fused = float_zero_gemm(layer, x)
+            with float_zero_path(triton=False):
+                torch_path = layer(x)  # dequantize in fp32, round the weight to bf16, matmul
+            RESULTS.setdefault("exactness", []).append(
+                {
+                    "layer": name,
+                    "rows": rows,
+                    "fused_vs_fp64": rel(fused, exact),
+                    "torch_path_vs_fp64": rel(torch_path, exact),
+                    "fused_vs_torch_path": rel(fused, torch_path),
+                    "bf16_output_rounding": rel(exact.to(dtype), exact),
+                }
+            )
+            log("exact", json.dumps(RESULTS["exactness"][-1]))
+        for rows in (1, 16, 32, 64):
+            x = torch.randn(rows, k, device=args.device, dtype=dtype)
+            bm = 1 if rows == 1 else min(64, max(16, triton_next_pow2(rows)))
+            grid = [
+                {
+                    "BLOCK_M": bm,
+                    "BLOCK_N": bn,
+                    "BLOCK_K": 128,
+                    "STEPS": st,
+                    "SPLIT_K": sk,
+                    "num_warps": w,
+                    "num_stages": ns,
+                }
+                for bn in ((32, 64, 128) if rows <= 16 else (32, 64))
+                for st in ((1, 2, 4) if rows <= 16 else (1, 2))
+                for sk in (1, 2, 4, 8)
+                for w in (4,)
+                for ns in (3,)
+            ]
+            if rows == 1:
+                grid += [dict(c, BLOCK_M=16) for c in grid if c["BLOCK_N"] == 64]
+            best = None
+            default_us = graph_us(lambda: float_zero_gemm(layer, x))
+            for config in grid:
+                try:
+                    us = graph_us(lambda: float_zero_gemm(layer, x, config))
+                except Exception as exc:  # noqa: BLE001
+                    log("tile error", config, str(exc)[:200])
+                    continue
+                RESULTS.setdefault("tiles", []).append({"layer": name, "rows": rows, "config": config, "graph_us": us})
+                if best is None or not us >= best[0]:  # NaN never wins
+                    best = (us, config)
+            RESULTS.setdefault("tile_best", []).append(
+                {
+                    "layer": name,
+                    "rows": rows,
+                    "best_us": best[0],
+                    "best": best[1],
+                    "default_us": default_us,
+                    "default": fz._pick_config(rows, k, n, 128),
+                }
+            )
+            log("tiles", json.dumps(RESULTS["tile_best"][-1]))
+        # where dequantize-then-cuBLAS overtakes the fused kernel
+        for rows in (32, 64, 128, 256, 512):
+            x = torch.randn(rows, k, device=args.device, dtype=dtype)
+            big = {
+                "BLOCK_M": 64,
+                "BLOCK_N": 64,
+                "BLOCK_K": 128,
+                "STEPS": 2,
+                "SPLIT_K": 1,
+                "num_warps": 4,
+                "num_stages": 3,
+            }
+            fused_us = bench_us(lambda: float_zero_gemm(layer, x, big, max_rows=None), quick=True)
+            set_fused_gemm(False)
+            try:
+                deq_us = bench_us(lambda: x @ dequantize_float_zeros(layer, dtype), quick=True)
+            finally:
+                set_fused_gemm(True)
+            RESULTS.setdefault("crossover", []).append(
+                {"layer": name, "rows": rows, "fused_us": fused_us, "dequant_cublas_us": deq_us}
+            )
+            log("crossover", json.dumps(RESULTS["crossover"][-1]))
+        # torch's int4 kernel (tinygemm): speed and what its bf16 scales and offsets keep
+        try:
+            packed, sz, _ = tinygemm_operands(codes, layer, 128)
+            for rows in (1, 16, 4096):
+                x = torch.randn(rows, k, device=args.device, dtype=torch.bfloat16)
+                out = torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)
+                exact = x.double() @ reference
+                RESULTS.setdefault("tinygemm", []).append(
+                    {
+                        "layer": name,
+                        "rows": rows,
+                        "gpu_us": bench_us(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)),
+                        "vs_fp64": rel(out, exact),
+                        "fused_vs_fp64": rel(float_zero_gemm(layer, x), exact) if rows <= 64 else None,
+                    }
+                )
+                log("tinygemm", json.dumps(RESULTS["tinygemm"][-1]))
+        except Exception as exc:  # noqa: BLE001
+            RESULTS.setdefault("tinygemm", []).append({"layer": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        # the op under torch.compile: fullgraph raises on a graph break
+        try:
+            compiled = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
+            for rows in (1, 16):
+                x = torch.randn(rows, k, device=args.device, dtype=dtype)
+                for _ in range(3):
+                    y = compiled(x)
+                RESULTS["checks"].append(
+                    {
+                        "compiled_layer": name,
+                        "rows": rows,
+                        "fullgraph": True,
+                        "vs_eager": rel(y, layer(x)),
+                        "compiled_us": bench_us(lambda: compiled(x)),
+                        "eager_us": bench_us(lambda: layer(x)),
+                    }
+                )
+                log("compile", RESULTS["checks"][-1])
+        except Exception as exc:  # noqa: BLE001
+            RESULTS["checks"].append({"compiled_layer": name, "error": f"{type(exc).__name__}: {exc}"[:400]})
+        del layer, codes, reference
+        free_memory()
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@torch.no_grad()
+def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
+    """One decoder layer's q/gate/down at 1/16/4096 rows: Marlin, the other GPTQ kernels, the merged layer's paths."""
+    import peft
+
+    import peft_qalora
+    from peft_qalora.gptq import is_gptq_layer
+    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
+
+    dtype = dtype_of(args)
+    gs = args.gen_group_sizes[0]
+    path = os.path.join(tmp, f"layers-g{gs}")
+    write_random_gptq(path, llama_config(args, 1), 4, gs, args.device)
+    bases = {}
+    for backend in args.layer_backends:
+        started = time.perf_counter()
+        try:
+            model = load_gptq(path, backend, args).eval()
+            bases[backend] = model
+            RESULTS["checks"].append(
+                {"layers_backend": backend, "classes": kernel_classes(model), "load_s": time.perf_counter() - started}
+            )
+        except Exception as exc:  # noqa: BLE001
+            RESULTS["checks"].append({"layers_backend": backend, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        log("loaded", RESULTS["checks"][-1])
+    source = load_gptq(path, "gptq_triton", args)
+    adapted = peft.get_peft_model(
+        source, peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS)
+    )
+    randomize_adapter(adapted)
+    adapted.eval()
+    names = {
+        "q_proj": "model.layers.0.self_attn.q_proj",
+        "gate_proj": "model.layers.0.mlp.gate_proj",
+        "down_proj": "model.layers.0.mlp.down_proj",
+    }
+    unmerged = {short: adapted.base_model.model.get_submodule(full) for short, full in names.items()}
+    xs = {
+        (short, rows): torch.randn(rows, LAYER_SHAPES[short][0], device=args.device, dtype=dtype)
+        for short in names
+        for rows in (1, 16, 4096)
+    }
+    unmerged_out = {key: unmerged[key[0]](x) for key, x in xs.items()}
+    merged_model = adapted.merge_and_unload()
+    for short, full in names.items():
+        layer = merged_model.get_submodule(full)
+        reference = layer.dequantize_weight().double()  # fp32 dequantize of the merged layer, from its own tensors
+        for rows in (1, 16, 4096):
+            x = xs[(short, rows)]
+            candidates = {}
+            for backend, model in bases.items():
+                base = model.get_submodule(full)
+                candidates[f"GPTQ base, {type(base).__name__} (`{backend}`)"] = lambda base=base: base(x)
+            candidates["merged, dispatch (FloatZeroGPTQLinear.forward)"] = lambda: layer(x)
+            candidates["merged, fused kernel"] = lambda: float_zero_gemm(layer, x, max_rows=None)
+            candidates["merged, Triton dequantize + cuBLAS"] = lambda: x @ dequantize_float_zeros(layer, dtype)
+            candidates["unmerged adapter on TritonV2Linear"] = lambda: unmerged[short](x)
+            for label, fn in candidates.items():
+                record: dict[str, Any] = {
+                    "layer": short,
+                    "shape": f"{layer.in_features}x{layer.out_features}",
+                    "rows": rows,
+                    "variant": label,
+                }
+                try:
+                    record.update(time_call(fn, args))
+                    record["graph_us"] = graph_us(fn)
+                    if label.startswith("merged"):
+                        out = fn()
+                        record["vs_fp32_dequant_fp64_matmul"] = rel(out, x.double() @ reference)
+                        record["vs_unmerged"] = rel(out, unmerged_out[(short, rows)])
+                except Exception as exc:  # noqa: BLE001
+                    record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                log("layer", json.dumps(record))
+                RESULTS.setdefault("layers", []).append(record)
+    del bases, merged_model, adapted, source
+    free_memory()
+
+
+def dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+    }
+
+
+@torch.no_grad()
+def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
+    """Generation tokens/s, eager and with a static cache (compiled by transformers), the models interleaved."""
+    import peft
+    import torch._dynamo
+
+    import peft_qalora
+
+    torch._dynamo.config.cache_size_limit = 64
+    gs = args.gen_group_sizes[0]
+    path = os.path.join(tmp, f"serve-g{gs}")
+    write_random_gptq(path, config, 4, gs, args.device)
+    models: dict[str, torch.nn.Module] = {}
+    models["GPTQ base on Marlin (`gptq_marlin`)"] = load_gptq(path, "gptq_marlin", args)
+    adapted = peft.get_peft_model(
+        load_gptq(path, "gptq_triton", args),
+        peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS),
+    )
+    randomize_adapter(adapted)
+    models["unmerged adapter on its base (`gptq_triton`, TritonV2Linear)"] = adapted
+    merge_source = peft.get_peft_model(
+        load_gptq(path, "gptq_triton", args),
+        peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS),
+    )
+    randomize_adapter(merge_source)
+    models["merged (FloatZeroGPTQLinear, fused kernel)"] = merge_source.merge_and_unload()
+    models["bf16 model"] = bf16_model(config, args)
+    for m in models.values():
+        m.eval()
+    RESULTS["checks"].append({"serve_classes": {k: kernel_classes(m) for k, m in models.items()}})
+    ids_probe = torch.randint(3, args.vocab_size, (2, 32), device=args.device)
+    merged_name = "merged (FloatZeroGPTQLinear, fused kernel)"
+    unmerged_name = "unmerged adapter on its base (`gptq_triton`, TritonV2Linear)"
+    RESULTS["checks"].append(
+        {
+            "serve_merged_vs_unmerged_logits_rel": rel(
+                logits(models[merged_name], ids_probe), logits(models[unmerged_name], ids_probe)
+            )
+        }
+    )
+    for mode in args.serve_modes:
+        for batch in args.gen_batches:
+            ids = torch.randint(3, args.vocab_size, (batch, args.prompt_len), device=args.device)
+            kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+            if mode == "static":
+                kwargs["cache_implementation"] = "static"
+            compiled = {}
+            for name, m in models.items():
+                before = dynamo_counts()
+                started = time.perf_counter()
+                try:
+                    # the timed length: a static cache of another length is a new shape (a recompile, measured:
+                    # 109 s inside the first timed run); twice for static: compile, then capture the CUDA graphs
+                    for _ in range(2 if mode == "static" else 1):
+                        m.generate(
+                            input_ids=ids, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, **kwargs
+                        )
+                    after = dynamo_counts()
+                    compiled[name] = {k: after[k] - before[k] for k in after}
+                    compiled[name]["warmup_s"] = round(time.perf_counter() - started, 1)
+                except Exception as exc:  # noqa: BLE001
+                    compiled[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                log("warm", mode, batch, name, compiled[name])
+            times: dict[str, list[float]] = {name: [] for name in models if "error" not in compiled[name]}
+            names = list(times)
+            for rep in range(args.gen_repeats):
+                for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                    with Timer(args.device) as t:
+                        out = models[name].generate(
+                            input_ids=ids, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, **kwargs
+                        )
+                    assert out.shape[1] == args.prompt_len + args.gen_tokens, out.shape
+                    times[name].append(t.ms)
+            for name in models:
+                record: dict[str, Any] = {"model": name, "mode": mode, "batch": batch, **compiled[name]}
+                if name in times:
+                    record["ms"] = statistics.median(times[name])
+                    record["ms_all"] = [round(x, 1) for x in times[name]]
+                    record["tokens_per_s"] = batch * args.gen_tokens / (record["ms"] / 1e3)
+                log("serve", json.dumps(record))
+                RESULTS.setdefault("serve", []).append(record)
+                dump(args)
+    del models, adapted, merge_source
+    free_memory()
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -917,6 +1289,17 @@ def main(argv: list[str] | None = None) -> None:
             run_genpair(args, config, tmp)
         RESULTS["phase_seconds"]["genpair"] = round(time.perf_counter() - t0, 1)
         dump(args)
+    for phase, runner in (("tiles", None), ("layers", run_layers), ("serve", run_serve)):
+        if phase not in phases:
+            continue
+        t1 = time.perf_counter()
+        if runner is None:
+            run_tiles(args)
+        else:
+            with tempfile.TemporaryDirectory(prefix="qalora-gpu-") as tmp:
+                runner(args, config, tmp)
+        RESULTS["phase_seconds"][phase] = round(time.perf_counter() - t1, 1)
+        dump(args)
     if "decode" in phases:
         with tempfile.TemporaryDirectory(prefix="qalora-gpu-") as tmp:
             run_decode(args, config, tmp)
@@ -962,6 +1345,102 @@ def main(argv: list[str] | None = None) -> None:
 def dump(args: argparse.Namespace) -> None:
     with open(os.path.join(args.out, "gpu_results.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
+
+
+def render_issue14() -> list[str]:
+    """Tables of the tiles, layers and serve phases."""
+    lines: list[str] = []
+    if RESULTS.get("exactness"):
+        lines += [
+            "**Fused kernel exactness** (relative error; fp64 reference built from the codes, scales and fp32 "
+            "zeros; the torch path rounds the weight to bf16)",
+            "",
+            "| layer | rows | fused vs fp64 | torch path vs fp64 | fused vs torch path | bf16 rounding of the exact output |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in RESULTS["exactness"]:
+            lines.append(
+                f"| {r['layer']} | {r['rows']} | {r['fused_vs_fp64']:.2e} | {r['torch_path_vs_fp64']:.2e} "
+                f"| {r['fused_vs_torch_path']:.2e} | {r['bf16_output_rounding']:.2e} |"
+            )
+        lines.append("")
+    if RESULTS.get("tile_best"):
+        lines += [
+            "**Fused kernel tiles** (GPU us per call from CUDA-graph replays; best of the sweep vs the default)",
+            "",
+            "| layer | rows | default us | default | best us | best |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in RESULTS["tile_best"]:
+            short = lambda c: (
+                "M{BLOCK_M} N{BLOCK_N} K{BLOCK_K}x{STEPS} split{SPLIT_K} w{num_warps} s{num_stages}".format(**c)
+            )
+            lines.append(
+                f"| {r['layer']} | {r['rows']} | {r['default_us']:.1f} | {short(r['default'])} "
+                f"| {r['best_us']:.1f} | {short(r['best'])} |"
+            )
+        lines.append("")
+    if RESULTS.get("crossover"):
+        lines += [
+            "**Fused kernel vs dequantize + cuBLAS by rows** (GPU us)",
+            "",
+            "| layer | rows | fused | dequantize + cuBLAS |",
+            "|---|---|---|---|",
+        ]
+        for r in RESULTS["crossover"]:
+            lines.append(f"| {r['layer']} | {r['rows']} | {r['fused_us']:.1f} | {r['dequant_cublas_us']:.1f} |")
+        lines.append("")
+    if RESULTS.get("tinygemm"):
+        lines += [
+            "**torch `_weight_int4pack_mm` (tinygemm; bf16 scales and offsets)**",
+            "",
+            "| layer | rows | GPU us | vs fp64 | fused vs fp64 |",
+            "|---|---|---|---|---|",
+        ]
+        for r in RESULTS["tinygemm"]:
+            if "error" in r:
+                lines.append(f"| {r['layer']} | - | {r['error'][:100]} | | |")
+                continue
+            lines.append(
+                f"| {r['layer']} | {r['rows']} | {r['gpu_us']:.1f} | {r['vs_fp64']:.2e} "
+                f"| {_fmt(r['fused_vs_fp64'], '.2e')} |"
+            )
+        lines.append("")
+    if RESULTS.get("layers"):
+        lines += [
+            "**One layer** (bf16, no grad; GPU us = triton do_bench median; loop us = wall time per call, CPU "
+            "dispatch included; errors: merged output vs the fp32-dequantized merged weight in fp64, and vs "
+            "the unmerged adapter layer)",
+            "",
+            "| layer | rows | kernel | GPU us | graph us | loop us | vs fp64 | vs unmerged |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in RESULTS["layers"]:
+            if "error" in r:
+                lines.append(f"| {r['layer']} | {r['rows']} | {r['variant']} | {r['error'][:80]} | | | | |")
+                continue
+            lines.append(
+                f"| {r['layer']} {r.get('shape', '')} | {r['rows']} | {r['variant']} | {r['gpu_us']:.1f} "
+                f"| {_fmt(r.get('graph_us'), '.1f')} | {r['loop_us']:.1f} | {_fmt(r.get('vs_fp32_dequant_fp64_matmul'), '.1e')} "
+                f"| {_fmt(r.get('vs_unmerged'), '.1e')} |"
+            )
+        lines.append("")
+    if RESULTS.get("serve"):
+        lines += [
+            "**Generation** (greedy, 64-token prompt, 64 new tokens, median of 3 interleaved; static = "
+            '`cache_implementation="static"`, which transformers compiles where the quantizer allows)',
+            "",
+            "| model | mode | batch | tokens/s | graphs | graph breaks |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in RESULTS["serve"]:
+            tps = _fmt(r.get("tokens_per_s"), ".1f") if "error" not in r else r["error"][:80]
+            lines.append(
+                f"| {r['model']} | {r['mode']} | {r['batch']} | {tps} | {r.get('unique_graphs', '-')} "
+                f"| {r.get('graph_breaks', '-')} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _fmt(x: Any, spec: str = ".0f") -> str:
@@ -1082,7 +1561,8 @@ def render(args: argparse.Namespace) -> str:
                 f"| {mode('eval')} | {qalora('recompute')} | {qalora('stock')} |"
             )
         lines.append("")
-    if RESULTS.get("layers"):
+    lines += render_issue14()
+    if RESULTS.get("layers") and "decode" in args.phases:
         lines += [
             "**One layer, bf16, no grad** (GPU us = triton do_bench median; loop us = wall time per call in a "
             "back-to-back loop, CPU dispatch included)",

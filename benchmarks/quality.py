@@ -8,6 +8,8 @@ never saw. Rows, per GPTQ bit width (``--bits``, default 4 3 2; group size 32, n
 * ``gptq``: the GPTQ base (GPTQModel, calibrated on the training text; cached like the example's);
 * ``qalora``: QA-LoRA on the GPTQ base, unmerged;
 * ``qalora-float``: merged into float zero points (``merge_and_unload()``), saved and reloaded from disk;
+* ``qalora-bf16``: the unmerged adapter and the reloaded merged model, both computing in bf16 (what a GPU runs):
+  the merged row's note compares the two;
 * ``qalora-int``: merged into integer zero points (``merge_checkpoint(..., zero_format="int")``, rounding forced
   with ``max_rounding_loss=1.0``), reloaded as a stock GPTQ checkpoint; the note gives its merge report;
 * ``qalora-gguf``: exported to GGUF Q4_1 (``export_gguf``), dequantized by gguf-py through transformers;
@@ -66,7 +68,7 @@ logger = logging.getLogger("quality")
 
 # The decoder projections of Llama-style models: the layers GPTQ quantizes and every adapter here targets.
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QALORA_ROWS = ("qalora", "qalora-float", "qalora-int", "qalora-gguf", "qalora-mlx")
+QALORA_ROWS = ("qalora", "qalora-float", "qalora-bf16", "qalora-int", "qalora-gguf", "qalora-mlx")
 LORA_ROWS = ("lora", "lora-fp32", "lora-gptq")
 ROWS = ("fp32", "gptq", *QALORA_ROWS, "peft-qalora", *LORA_ROWS)
 PEFT_QALORA_BITS = 4  # the one bit width the PEFT built-in row runs at
@@ -309,12 +311,16 @@ def run_qalora(bits: int, base_dir: Path, setup: Setup, args: argparse.Namespace
     adapter_dir = setup.folder(bits, "qalora-adapter")
     model.save_pretrained(adapter_dir)
 
-    if "qalora-float" in wanted:
+    if wanted & {"qalora-float", "qalora-bf16"}:
         merged_dir = setup.folder(bits, "qalora-merged-float")
         merged = model.merge_and_unload()  # float zero points: exact
         merged.save_pretrained(merged_dir)
         del model, merged
         free()
+    else:
+        del model
+    free()
+    if "qalora-float" in wanted:
         reloaded = load_dense(merged_dir, setup.device)  # quant_method "peft_qalora", loads after `import peft_qalora`
         ppl_merged = score(reloaded, setup, args, f"{bits}-bit QA-LoRA merged, float zeros")
         del reloaded
@@ -328,9 +334,10 @@ def run_qalora(bits: int, base_dir: Path, setup: Setup, args: argparse.Namespace
                 trained="qalora",
             )
         )
-    else:
-        del model
-    free()
+        free()
+    if "qalora-bf16" in wanted:
+        for row in qalora_bf16_rows(bits, base_dir, adapter_dir, merged_dir, setup, args):
+            results.add(row)
 
     if "qalora-int" in wanted:
         results.add(qalora_int_row(bits, base_dir, adapter_dir, setup, args))
@@ -338,6 +345,42 @@ def run_qalora(bits: int, base_dir: Path, setup: Setup, args: argparse.Namespace
         results.add(qalora_gguf_row(bits, base_dir, adapter_dir, setup, args))
     if "qalora-mlx" in wanted:
         results.add(qalora_mlx_row(bits, base_dir, adapter_dir, setup, args))
+
+
+def qalora_bf16_rows(
+    bits: int, base_dir: Path, adapter_dir: Path, merged_dir: Path, setup: Setup, args: argparse.Namespace
+) -> list[Row]:
+    """The adapter on its GPTQ base and the reloaded merged model, loaded with ``dtype=torch.bfloat16``."""
+    from transformers import GPTQConfig
+
+    with quiet_stdout():
+        base = AutoModelForCausalLM.from_pretrained(
+            base_dir,
+            dtype=torch.bfloat16,
+            quantization_config=GPTQConfig(bits=bits, backend="gptq_torch"),
+            **example.placement(setup.device),
+        )
+    unmerged = PeftModel.from_pretrained(base, adapter_dir)
+    ppl_unmerged = score(unmerged, setup, args, f"{bits}-bit QA-LoRA unmerged, bf16")
+    del unmerged, base
+    free()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16, **example.placement(setup.device))
+    zeros = {m.zeros.dtype for m in merged.modules() if isinstance(m, FloatZeroGPTQLinear)}
+    ppl_merged = score(merged, setup, args, f"{bits}-bit QA-LoRA merged, float zeros, bf16")
+    del merged
+    free()
+    zeros_note = "/".join(sorted(str(d).removeprefix("torch.") for d in zeros))
+    return [
+        Row(bits, "qalora-bf16", "QA-LoRA, unmerged, bf16", ppl_unmerged, "", trained="qalora"),
+        Row(
+            bits,
+            "qalora-float-bf16",
+            "QA-LoRA merged, float zeros (reloaded), bf16",
+            ppl_merged,
+            f"vs unmerged bf16 {ppl_merged / ppl_unmerged - 1:+.1e}; zeros kept in {zeros_note}",
+            trained="qalora",
+        ),
+    ]
 
 
 def qalora_int_row(bits: int, base_dir: Path, adapter_dir: Path, setup: Setup, args: argparse.Namespace) -> Row:

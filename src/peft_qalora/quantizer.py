@@ -95,6 +95,12 @@ class QALoraGPTQHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        # Every op of FloatZeroGPTQLinear traces (the fused kernel is a registered custom op), so transformers may
+        # compile the decoding step with a static cache, as it does for unquantized models.
+        return True
+
 
 def _has_module(model: nn.Module, name: str) -> bool:
     try:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..gptq import effective_group_size
+from .fused_float_zero import float_zero_gemm
 
 try:  # Triton is optional: CPU installs may not have it
     import triton
@@ -220,7 +221,16 @@ def autotuned_tiles() -> dict:
 
 
 def float_zero_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """``layer(x)`` through the Triton dequantize, or ``None`` where it does not apply (the caller falls back)."""
+    """``layer(x)`` on CUDA, or ``None`` where no Triton path applies (the caller falls back to torch).
+
+    Up to ``fused_float_zero.FUSED_MAX_ROWS`` rows the fused kernel (codes, scales and zeros read once, no dense
+    weight); above, or where it does not apply, the Triton dequantize then cuBLAS.
+    """
+    if not _FLOAT_ZERO_TRITON:
+        return None
+    fused = float_zero_gemm(layer, x)  # 1-64 rows: the fused kernel, no dense weight
+    if fused is not None:
+        return fused
     if not float_zero_supported(layer, x):
         return None
     flat = x.reshape(-1, layer.in_features)
