@@ -871,7 +871,6 @@ def run_tiles(args: argparse.Namespace) -> None:
     dtype = dtype_of(args)
     for name, (k, n) in LAYER_SHAPES.items():
         layer, codes, reference = random_float_zero_layer(k, n, 128, args.device)
-        dense = x_bf = None
         for rows in (1, 16, 32, 64):
             x = torch.randn(rows, k, device=args.device, dtype=dtype)
             exact = x.double() @ reference
