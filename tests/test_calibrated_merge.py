@@ -17,7 +17,7 @@ from test_merge import run_python
 
 from peft_qalora import QALoraConfig, RoundingLossError, merge_checkpoint
 from peft_qalora.calibrated_merge import solve_layer
-from peft_qalora.calibration import CalibrationError
+from peft_qalora.calibration import CalibrationError, calibration_blocks
 from peft_qalora.cli import main as cli_main
 from peft_qalora.gptq import unpack_qweight, unpack_qzeros
 from peft_qalora.testing import byte_level_tokenizer, quantize_rtn
@@ -293,3 +293,20 @@ def test_solve_layer_on_partial_act_order_groups(method):
     assert bool((error <= effect * (1 + 1e-4)).all())
     assert solution.report.kept == pytest.approx(1 - (error.sum() / effect.sum()).sqrt().item(), abs=1e-3)
     assert solution.report.kept > 0.2
+
+
+def test_calibration_files_and_texts_become_the_same_blocks(tmp_path):
+    tokenizer = byte_level_tokenizer()
+    text = "It is a truth universally acknowledged. " * 20
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    expected = [torch.tensor(ids[i : i + 64]) for i in range(0, len(ids), 64)]
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps({"input_ids": ids}))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": text}) + "\n\n" + json.dumps({"input_ids": ids}) + "\n")
+    for data in (text, [text], ids, torch.tensor(ids), tmp_path / "a.txt", tmp_path / "b.json"):
+        blocks = calibration_blocks(data, tokenizer, seq_len=64, vocab_size=len(tokenizer))
+        assert [b.tolist() for b in blocks] == [b.tolist() for b in expected], type(data)
+    blocks = calibration_blocks(tmp_path / "c.jsonl", tokenizer, seq_len=64, max_tokens=len(ids) + 10)
+    assert [b.tolist() for b in blocks] == [b.tolist() for b in expected] + [ids[:10]]
+    with pytest.raises(CalibrationError, match="pass `tokenizer=`"):
+        calibration_blocks(text, None)

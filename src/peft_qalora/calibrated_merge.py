@@ -152,14 +152,17 @@ def greedy_round(
     zero_low: torch.Tensor | None = None,
     zero_high: torch.Tensor | None = None,
     max_moves: int = 256,
+    tolerance: float = 1e-3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer code moves ``m`` (and group moves ``mz``) chosen one at a time, the best move of each row first.
 
     Minimises ``e H e^T`` for every row, ``e = step * m + zero_step[g] * mz[g] - target``, by coordinate descent
     from ``m = 0``: at each round every row takes the single move (one code, or one group's zero point, by one
-    step) that lowers its error the most, until no move lowers it or a row has made ``max_moves`` moves. Unlike error
-    feedback, which only rounds a column away from its code once the error pushed onto it reaches half a step, this
-    finds the few moves whose combined effect on the outputs matches a target far smaller than one step per weight.
+    step) that lowers its error the most. A row stops when its best move gains less than ``tolerance`` times its
+    starting error, or after ``max_moves`` moves; rows are independent, so a stopped row never needs another look.
+    Unlike error feedback, which rounds a column away from its code only once the error pushed onto it reaches half
+    a step, this finds the few moves whose combined effect on the outputs matches a target far smaller than one
+    step per weight.
 
     Args:
         target, step, low, high: (rows, in) wanted value changes, code step and bounds of ``m``.
@@ -167,9 +170,9 @@ def greedy_round(
         g_idx: (in,) channel to group; with ``zero_step``/``zero_low``/``zero_high`` ((rows, groups)) zero moves are
             candidates too (a move by ``+1`` lowers the zero point, raising every weight of the group by one step).
     """
-    rows = torch.arange(target.shape[0], device=target.device)
     m = torch.zeros_like(target)
-    gradient = -target @ hessian  # (e H) for e = -target
+    gradient = -target @ hessian  # e H, for e = -target
+    threshold = tolerance * ((target @ hessian) * target).sum(1)  # a fraction of each row's starting error
     diag = hessian.diagonal()
     with_zeros = zero_step is not None
     if with_zeros:
@@ -181,40 +184,41 @@ def greedy_round(
         pooled_diag = pooled_diag.index_add_(1, g_idx, pooled_rows).diagonal().clone()  # diag(M^T H M)
     else:
         mz = torch.zeros(target.shape[0], 0, dtype=target.dtype, device=target.device)
+    active = torch.arange(target.shape[0], device=target.device)
     for _ in range(max_moves):
-        direction = -torch.sign(gradient)
-        gain = 2 * step * gradient.abs() - step.square() * diag
-        moved = m + direction
-        gain = torch.where((moved >= low) & (moved <= high) & (direction != 0), gain, -1.0)
+        grad, st = gradient[active], step[active]
+        direction = -torch.sign(grad)
+        moved = m[active] + direction
+        gain = 2 * st * grad.abs() - st.square() * diag
+        gain = torch.where((moved >= low[active]) & (moved <= high[active]) & (direction != 0), gain, -1.0)
         best, where = gain.max(1)
         if with_zeros:
-            group_gradient = torch.zeros_like(zero_step).index_add_(1, g_idx, gradient)
+            zst = zero_step[active]
+            group_gradient = torch.zeros_like(zst).index_add_(1, g_idx, grad)
             zero_direction = -torch.sign(group_gradient)
-            zero_gain = 2 * zero_step * group_gradient.abs() - zero_step.square() * pooled_diag
-            zero_moved = mz + zero_direction
-            feasible = (zero_moved >= zero_low) & (zero_moved <= zero_high) & (zero_direction != 0)
-            zero_gain = torch.where(feasible, zero_gain, -1.0)
-            zero_best, zero_where = zero_gain.max(1)
-        improving = best > 0
-        if with_zeros:
-            improving |= zero_best > 0
-        if not bool(improving.any()):
+            zero_gain = 2 * zst * group_gradient.abs() - zst.square() * pooled_diag
+            zero_moved = mz[active] + zero_direction
+            feasible = (zero_moved >= zero_low[active]) & (zero_moved <= zero_high[active]) & (zero_direction != 0)
+            zero_best, zero_where = torch.where(feasible, zero_gain, -1.0).max(1)
+            take_zero = zero_best > best
+            best = torch.maximum(best, zero_best)
+        keep = best > threshold[active]
+        if not bool(keep.any()):
             break
         if with_zeros:
-            take_zero = improving & (zero_best > best)
-            n = rows[take_zero]
-            if n.numel():
-                g = zero_where[take_zero]
-                delta = zero_direction[n, g]
-                mz[n, g] += delta
-                gradient[n] += (delta * zero_step[n, g])[:, None] * pooled_rows[g]
-            improving &= ~take_zero
-        n = rows[improving]
-        if n.numel():
-            k = where[improving]
-            delta = direction[n, k]
-            m[n, k] += delta
-            gradient[n] += (delta * step[n, k])[:, None] * hessian[k]
+            chosen = keep & take_zero
+            n, g = active[chosen], zero_where[chosen]
+            delta = zero_direction[chosen, g]
+            mz[n, g] += delta
+            gradient[n] += (delta * zero_step[n, g])[:, None] * pooled_rows[g]
+            code = keep & ~take_zero
+        else:
+            code = keep
+        n, k = active[code], where[code]
+        delta = direction[code, k]
+        m[n, k] += delta
+        gradient[n] += (delta * step[n, k])[:, None] * hessian[k]
+        active = active[keep]
     return m, mz
 
 

@@ -111,13 +111,13 @@ def _token_sequences(data: Any) -> list[torch.Tensor]:
     return sequences
 
 
-def _tokenize(texts: Iterable[str], tokenizer: Any) -> list[torch.Tensor]:
+def _tokenize(texts: Iterable[str], tokenizer: Any, first: int = 0) -> list[torch.Tensor]:
     if tokenizer is None:
         raise CalibrationError(
             "Calibration data is text, but no tokenizer was given or found: pass `tokenizer=` (or token ids)."
         )
     sequences = []
-    for i, text in enumerate(texts):
+    for i, text in enumerate(texts, first):
         if not isinstance(text, str):
             raise CalibrationError(f"Calibration data: document {i} is {type(text).__name__}, not text.")
         try:
@@ -153,10 +153,17 @@ def calibration_blocks(
         data = read_calibration_file(data)
     if isinstance(data, str):
         sequences = _tokenize([data], tokenizer)
-    elif _is_token_ids(data):
+    elif isinstance(data, torch.Tensor) or (isinstance(data, Sequence) and data and isinstance(data[0], int)):
         sequences = _token_sequences(data)
-    elif isinstance(data, Sequence):
-        sequences = _tokenize(data, tokenizer)
+    elif isinstance(data, Sequence):  # documents: texts and token-id sequences, mixed as a .jsonl file may hold them
+        sequences = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                sequences.extend(_tokenize([item], tokenizer, first=i))
+            elif isinstance(item, (torch.Tensor, Sequence)) and not isinstance(item, bytes):
+                sequences.extend(_token_sequences(item) if len(item) else [])
+            else:
+                raise CalibrationError(f"Calibration data: document {i} is {type(item).__name__}, not text or ids.")
     else:
         raise CalibrationError(
             f"Calibration data must be text, a list of texts or token ids, got {type(data).__name__}."
@@ -227,18 +234,37 @@ class HessianCollector:
         return pre_hook
 
     @torch.no_grad()
-    def run(self, model: nn.Module, blocks: list[torch.Tensor], progressbar: bool = False) -> None:
-        """Run ``model`` on every block (one at a time: no padding enters the sums)."""
+    def run(
+        self, model: nn.Module, blocks: list[torch.Tensor], progressbar: bool = False, batch_tokens: int = 4096
+    ) -> None:
+        """Run ``model`` on every block; blocks of equal length are batched (no padding ever enters the sums).
+
+        Only the backbone runs when it holds every hooked layer: the output head's logits are not needed.
+        """
         device = next(model.parameters()).device
+        backbone = getattr(model, "base_model", None)
+        if isinstance(backbone, nn.Module) and backbone is not model:
+            inside = {id(m) for m in backbone.modules()}
+            if not all(id(m) in inside for m in self.modules.values()):
+                backbone = model
+        else:
+            backbone = model
+        batches: list[list[torch.Tensor]] = []
+        for block in blocks:
+            last = batches[-1] if batches else None
+            if last and last[0].numel() == block.numel() and (len(last) + 1) * block.numel() <= batch_tokens:
+                last.append(block)
+            else:
+                batches.append([block])
         was_training = model.training
         model.eval()
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
         try:
-            for block in tqdm(blocks, disable=not progressbar, desc="Calibration: layer input Hessians"):
+            for batch in tqdm(batches, disable=not progressbar, desc="Calibration: layer input Hessians"):
                 self._seen.clear()
-                model(input_ids=block[None].to(device))
+                backbone(input_ids=torch.stack(batch).to(device))
                 self._first_batch = False
-                self.tokens += block.numel()
+                self.tokens += sum(block.numel() for block in batch)
         finally:
             for handle in self._handles:
                 handle.remove()
