@@ -102,6 +102,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="keep every trained adapter, merged checkpoint and export here (default: a temp folder)",
     )
+    parser.add_argument(
+        "--reuse-adapters",
+        action="store_true",
+        help="with --out: load the QA-LoRA adapters an earlier run saved there instead of training them again "
+        "(to add rows to a run; the settings must be the same)",
+    )
     parser.add_argument("--table", type=Path, help="also write the markdown table (and how it was made) to this file")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run (all)")
     parser.add_argument(
@@ -311,14 +317,23 @@ def run_qalora(bits: int, base_dir: Path, setup: Setup, args: argparse.Namespace
     wanted = set(args.rows)
     set_seed(args.seed)
     model = example.load_gptq_model(base_dir, bits, setup.device)
-    config = peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    note = train(model, setup, args, f"QA-LoRA {bits}-bit")
+    saved = setup.work / f"w{bits}" / "qalora-adapter"
+    if args.reuse_adapters and saved.is_dir():
+        # The adapter an earlier run with the same --out trained (same settings, same seed): rows added later reuse it.
+        model = PeftModel.from_pretrained(model, saved, is_trainable=True)
+        note = f"adapter trained by an earlier run ({saved})"
+        adapter_dir = saved
+    else:
+        config = peft_qalora.QALoraConfig(
+            r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS, task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, config)
+        note = train(model, setup, args, f"QA-LoRA {bits}-bit")
+        adapter_dir = setup.folder(bits, "qalora-adapter")
+        model.save_pretrained(adapter_dir)
     ppl = score(model, setup, args, f"{bits}-bit QA-LoRA")
     if "qalora" in wanted:
         results.add(Row(bits, "qalora", "QA-LoRA, unmerged", ppl, note))
-    adapter_dir = setup.folder(bits, "qalora-adapter")
-    model.save_pretrained(adapter_dir)
 
     if "qalora-float" in wanted:
         merged_dir = setup.folder(bits, "qalora-merged-float")
