@@ -36,9 +36,11 @@ def layer_problem(in_features: int, out_features: int, group_size: int, bits: in
     x[:, :8] *= 30  # outlier channels, as LLM activations have
     hessian = x.t() @ x / tokens
     # Heavy-tailed adapter change: |D/s| median ~0.003, a few groups near 0.2.
-    ratio = 0.003 * torch.randn(layer.scales.shape, generator=generator) * torch.distributions.StudentT(2.0).sample(
-        layer.scales.shape
-    ).abs().clamp(max=60)
+    ratio = (
+        0.003
+        * torch.randn(layer.scales.shape, generator=generator)
+        * torch.distributions.StudentT(2.0).sample(layer.scales.shape).abs().clamp(max=60)
+    )
     return layer, g_idx, ratio * layer.scales.float(), hessian, x
 
 
@@ -80,7 +82,9 @@ def main() -> None:
                 f"{report.kept:.1%} | {report.codes_changed:,} | {report.zeros_changed:,} |"
             )
             print(lines[-1], flush=True)
-        lines.append(f"| {label} ({in_features}x{out_features}) | X^T X per 1,000 tokens | {hessian_seconds:.2f} | | | |")
+        lines.append(
+            f"| {label} ({in_features}x{out_features}) | X^T X per 1,000 tokens | {hessian_seconds:.2f} | | | |"
+        )
         print(lines[-1], flush=True)
     lines += [
         "",

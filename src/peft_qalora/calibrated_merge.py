@@ -11,13 +11,17 @@ to minimise, for every output row ``n``,
     || X (W'_n - W_n - dW_n) ||^2 = e_n^T H e_n,    e_n = W'_n - W_n - dW_n,
 
 the error of the merged layer's output on the calibration inputs against the adapter model's. This is GPTQ's
-problem with the adapted weight ``W + dW`` as target, starting from the codes the base already has, and it is solved
-the way GPTQ solves it (Frantar et al., arXiv 2210.17323): round one column at a time and push the rounding error
-onto the columns not yet rounded through the Cholesky factor of ``H^-1`` (Babai's nearest plane). Everything is
+problem with the adapted weight ``W + dW`` as target, starting from the codes the base already has. Everything is
 computed in differences from the base (value changes of a few thousandths of a step), so fp32 loses nothing to
-cancellation. Three ways were measured (docs/design.md, "Calibrated integer merge"):
+cancellation. Four ways, measured in docs/design.md ("Calibrated integer merge"):
 
-* ``"codes"``: error feedback over the columns (input channels) of each row, on the codes;
+* ``"greedy"`` (default): coordinate descent, the best single move (one code or one group's zero point, one step)
+  of each row at a time. It finds the few moves whose combined effect on the outputs matches a change far smaller
+  than one step per weight, which error feedback cannot (below).
+* ``"codes"``: GPTQ's error feedback (Frantar et al., arXiv 2210.17323) over the columns of each row, on the codes:
+  round one column, push the rounding error onto the columns not yet rounded through the Cholesky factor of
+  ``H^-1`` (Babai's nearest plane). A code moves only once the error pushed onto it reaches half a step, which a
+  trained adapter's thousandths of a step never do.
 * ``"zeros"``: error feedback over the groups of each row, on the zero points, with the group-pooled Hessian
   ``P = M^T H M`` (``M`` the channel-to-group map);
 * ``"both"``: zeros first, then codes on what is left.
