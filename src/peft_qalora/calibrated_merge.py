@@ -17,11 +17,11 @@ cancellation. Four ways, measured in docs/design.md ("Calibrated integer merge")
 
 * ``"greedy"`` (default): coordinate descent, the best single move (one code or one group's zero point, one step)
   of each row at a time. It finds the few moves whose combined effect on the outputs matches a change far smaller
-  than one step per weight, which error feedback cannot (below).
+  than one step per weight, which error feedback mostly misses (below).
 * ``"codes"``: GPTQ's error feedback (Frantar et al., arXiv 2210.17323) over the columns of each row, on the codes:
   round one column, push the rounding error onto the columns not yet rounded through the Cholesky factor of
   ``H^-1`` (Babai's nearest plane). A code moves only once the error pushed onto it reaches half a step, which a
-  trained adapter's thousandths of a step never do.
+  trained adapter's thousandths of a step rarely make happen (SmolLM2 4-bit: 46% kept on the outputs, greedy 64%).
 * ``"zeros"``: error feedback over the groups of each row, on the zero points, with the group-pooled Hessian
   ``P = M^T H M`` (``M`` the channel-to-group map);
 * ``"both"``: zeros first, then codes on what is left.
