@@ -12,6 +12,10 @@ never saw. Rows, per GPTQ bit width (``--bits``, default 4 3 2; group size 32, n
   the merged row's note compares the two;
 * ``qalora-int``: merged into integer zero points (``merge_checkpoint(..., zero_format="int")``, rounding forced
   with ``max_rounding_loss=1.0``), reloaded as a stock GPTQ checkpoint; the note gives its merge report;
+* ``qalora-int-calibrated``: the calibrated integer merge (``merge_checkpoint(..., zero_format="int",
+  calibration=...)``, forced with ``max_rounding_loss=1.0``) on the GPTQ calibration sequences of the training text,
+  reloaded as a stock GPTQ checkpoint; the note gives its merge report (share of the adapter's effect on the
+  calibration inputs' layer outputs kept, codes and zero points changed) and its wall time;
 * ``qalora-gguf``: exported to GGUF Q4_1 (``export_gguf``), dequantized by gguf-py through transformers;
 * ``qalora-mlx``: exported to MLX (``export_mlx``), dequantized with ``mx.dequantize`` into the fp32 model;
 * ``peft-qalora`` (4-bit only): PEFT's built-in ``LoraConfig(use_qalora=True)``, unmerged (PEFT cannot merge
@@ -60,6 +64,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 import peft_qalora
+from peft_qalora.calibrated_merge import DEFAULT_METHOD, METHODS
 from peft_qalora.float_zero_linear import FloatZeroGPTQLinear
 from peft_qalora.merge import read_zero_points
 from peft_qalora.model import base_quantization
@@ -68,7 +73,15 @@ logger = logging.getLogger("quality")
 
 # The decoder projections of Llama-style models: the layers GPTQ quantizes and every adapter here targets.
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QALORA_ROWS = ("qalora", "qalora-float", "qalora-bf16", "qalora-int", "qalora-gguf", "qalora-mlx")
+QALORA_ROWS = (
+    "qalora",
+    "qalora-float",
+    "qalora-bf16",
+    "qalora-int",
+    "qalora-int-calibrated",
+    "qalora-gguf",
+    "qalora-mlx",
+)
 LORA_ROWS = ("lora", "lora-fp32", "lora-gptq")
 ROWS = ("fp32", "gptq", *QALORA_ROWS, "peft-qalora", *LORA_ROWS)
 PEFT_QALORA_BITS = 4  # the one bit width the PEFT built-in row runs at
@@ -99,6 +112,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="keep every trained adapter, merged checkpoint and export here (default: a temp folder)",
     )
+    parser.add_argument(
+        "--reuse-adapters",
+        action="store_true",
+        help="with --out: load the QA-LoRA adapters an earlier run saved there instead of training them again "
+        "(to add rows to a run; the settings must be the same)",
+    )
     parser.add_argument("--table", type=Path, help="also write the markdown table (and how it was made) to this file")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run (all)")
     parser.add_argument(
@@ -110,6 +129,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=example.positive_int,
         default=16,
         help="training sequences GPTQ calibrates on, for the bases and the usual route's re-quantization (%(default)s)",
+    )
+    parser.add_argument(
+        "--calibration-method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help="how the calibrated integer merge picks codes and zeros (%(default)s)",
     )
     parser.add_argument("--steps", type=example.positive_int, default=20, help="optimizer steps per run (%(default)s)")
     parser.add_argument("--batch-size", type=example.positive_int, default=2, help="sequences per step (%(default)s)")
@@ -302,14 +327,23 @@ def run_qalora(bits: int, base_dir: Path, setup: Setup, args: argparse.Namespace
     wanted = set(args.rows)
     set_seed(args.seed)
     model = example.load_gptq_model(base_dir, bits, setup.device)
-    config = peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    note = train(model, setup, args, f"QA-LoRA {bits}-bit")
+    saved = setup.work / f"w{bits}" / "qalora-adapter"
+    if args.reuse_adapters and saved.is_dir():
+        # The adapter an earlier run with the same --out trained (same settings, same seed): rows added later reuse it.
+        model = PeftModel.from_pretrained(model, saved, is_trainable=True)
+        note = f"adapter trained by an earlier run ({saved})"
+        adapter_dir = saved
+    else:
+        config = peft_qalora.QALoraConfig(
+            r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS, task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, config)
+        note = train(model, setup, args, f"QA-LoRA {bits}-bit")
+        adapter_dir = setup.folder(bits, "qalora-adapter")
+        model.save_pretrained(adapter_dir)
     ppl = score(model, setup, args, f"{bits}-bit QA-LoRA")
     if "qalora" in wanted:
         results.add(Row(bits, "qalora", "QA-LoRA, unmerged", ppl, note))
-    adapter_dir = setup.folder(bits, "qalora-adapter")
-    model.save_pretrained(adapter_dir)
 
     if wanted & {"qalora-float", "qalora-bf16"}:
         merged_dir = setup.folder(bits, "qalora-merged-float")
@@ -341,6 +375,8 @@ def run_qalora(bits: int, base_dir: Path, setup: Setup, args: argparse.Namespace
 
     if "qalora-int" in wanted:
         results.add(qalora_int_row(bits, base_dir, adapter_dir, setup, args))
+    if "qalora-int-calibrated" in wanted:
+        results.add(qalora_int_calibrated_row(bits, base_dir, adapter_dir, setup, args))
     if "qalora-gguf" in wanted:
         results.add(qalora_gguf_row(bits, base_dir, adapter_dir, setup, args))
     if "qalora-mlx" in wanted:
@@ -414,6 +450,37 @@ def qalora_int_row(bits: int, base_dir: Path, adapter_dir: Path, setup: Setup, a
         f"{report.max_error_steps:.2f} steps",
         trained="qalora",
     )
+
+
+def qalora_int_calibrated_row(
+    bits: int, base_dir: Path, adapter_dir: Path, setup: Setup, args: argparse.Namespace
+) -> Row:
+    label = "QA-LoRA merged, calibrated integer codes and zeros (stock GPTQ)"
+    out = setup.folder(bits, "qalora-merged-int-calibrated")
+    start = time.perf_counter()
+    # Forced (max_rounding_loss=1.0) to measure what it keeps; the default refuses a merge that loses over 5%.
+    report = peft_qalora.merge_checkpoint(
+        str(base_dir),
+        str(adapter_dir),
+        str(out),
+        zero_format="int",
+        max_rounding_loss=1.0,
+        calibration=list(setup.calibration),
+        calibration_method=args.calibration_method,
+        progressbar=False,
+    )
+    seconds = time.perf_counter() - start
+    model = example.load_gptq_model(out, bits, setup.device)
+    ppl = score(model, setup, args, f"{bits}-bit QA-LoRA merged, calibrated integer")
+    del model
+    free()
+    note = (
+        f"merge report: kept {report.kept:.1%} of the adapter's effect on the layer outputs of "
+        f"{sum(b.numel() for b in setup.calibration):,} calibration tokens, {report.codes_changed:,} codes "
+        f"({report.codes_changed / report.codes_total:.2%}) and {report.zeros_changed:,} zero points changed, "
+        f"method {args.calibration_method}, {seconds:.0f} s"
+    )
+    return Row(bits, "qalora-int-calibrated", label, ppl, note, trained="qalora")
 
 
 def qalora_gguf_row(bits: int, base_dir: Path, adapter_dir: Path, setup: Setup, args: argparse.Namespace) -> Row:

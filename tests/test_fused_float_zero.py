@@ -87,7 +87,7 @@ def test_fused_kernel_matches_fp64_reference():
 
 
 def test_fused_kernel_declines_what_it_does_not_cover():
-    """Act-order, fp32 activations, 3-bit codes and more than FUSED_MAX_ROWS rows return None (the caller falls back)."""
+    """Act-order, fp32 activations, 3-bit codes and more than FUSED_MAX_ROWS rows return None (caller falls back)."""
     _interpret(
         """
         import torch

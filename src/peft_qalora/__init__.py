@@ -10,6 +10,8 @@
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
+from .calibrated_merge import CalibratedMergeReport
+from .calibration import CalibrationError
 from .config import QALoraConfig
 from .convert import convert_adapter
 from .export.gguf import export_gguf
@@ -29,6 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "QALORA",
+    "CalibratedMergeReport",
+    "CalibrationError",
     "FloatZeroGPTQLinear",
     "MergeReport",
     "QALoraConfig",

@@ -7,8 +7,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
+from .calibrated_merge import DEFAULT_METHOD, METHODS
+from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN
 from .convert import CONVERSION_TARGETS, convert_adapter
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS
 
@@ -18,6 +21,11 @@ def _merge(args: argparse.Namespace) -> int:
 
     _check_hub_arguments(args)
 
+    calibration = None
+    if args.calibration_data is not None:
+        if args.zero_format != "int":
+            raise ValueError("--calibration-data applies to the integer merge: add --zero-format int.")
+        calibration = Path(args.calibration_data)
     report = merge_checkpoint(
         args.base_dir,
         args.adapter_dir,
@@ -26,6 +34,10 @@ def _merge(args: argparse.Namespace) -> int:
         max_rounding_loss=args.max_rounding_loss,
         overwrite=args.overwrite,
         progressbar=not args.quiet,
+        calibration=calibration,
+        calibration_seq_len=args.calibration_seq_len,
+        calibration_max_tokens=args.calibration_max_tokens,
+        calibration_method=args.calibration_method,
     )
     if report is not None:
         print(report.summary())
@@ -134,7 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_MAX_ROUNDING_LOSS,
         help="with --zero-format int, refuse if rounding loses more than this share of the adapter "
-        "(default: %(default)s)",
+        "(with --calibration-data: of its effect on the calibration inputs' layer outputs) (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--calibration-data",
+        metavar="FILE",
+        help="with --zero-format int: calibrate the merge on this data (UTF-8 text, tokenized with BASE_DIR's "
+        "tokenizer; or token ids as .json / .jsonl). The merge then also changes codes and zero points, on the base's "
+        "grid, so that each layer's output on this data matches the adapter model's; it loads the model in memory",
+    )
+    merge.add_argument(
+        "--calibration-seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help="calibration tokens per block (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--calibration-max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="use at most this many calibration tokens (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--calibration-method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help="how codes and zero points are chosen (docs/design.md, 'Calibrated integer merge') (default: %(default)s)",
     )
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -12,9 +12,18 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .calibrated_merge import DEFAULT_METHOD, solve_layer
 from .config import qalora_scaling
 from .float_zero_linear import FloatZeroGPTQLinear
-from .gptq import check_group_layout, group_counts, is_gptq_layer, layer_facts, pack_qzeros
+from .gptq import (
+    check_group_layout,
+    group_counts,
+    is_gptq_layer,
+    layer_facts,
+    pack_qweight,
+    pack_qzeros,
+    unpack_qweight,
+)
 from .gptq_kernels import (
     TRAINABLE_BACKEND,
     gptq_forward_with_input_grad,
@@ -35,6 +44,7 @@ class LayerFold:
     zeros: torch.Tensor  # fp32 real-valued zeros, or int64 integer zeros
     zero_format: str  # "float" or "int"
     rounding: Optional[LayerRounding] = None
+    codes: Optional[torch.Tensor] = None  # (in, out) int64 new codes of a calibrated integer merge; None: unchanged
 
 
 class QALoraLayer(BaseTunerLayer):
@@ -47,7 +57,7 @@ class QALoraLayer(BaseTunerLayer):
         self.base_layer = base_layer
         # Zero-point format of the checkpoint the base was loaded from: decides how its qzeros read in memory.
         self.checkpoint_format = checkpoint_format
-        self._unmerged = None  # (base layer, its qzeros) as they were before the first merge
+        self._unmerged = None  # (base layer, its qzeros, its qweight) as they were before the first merge
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -183,6 +193,16 @@ class QALoraLayer(BaseTunerLayer):
         g_idx = self.get_base_layer().g_idx.to(torch.int64)
         return self.group_delta(adapter_name)[g_idx].t()
 
+    def _checked_delta(self, adapter_names: list[str], name: str) -> torch.Tensor:
+        """``D[g, n]`` summed over ``adapter_names``; refuses NaN or inf."""
+        delta = sum(self.group_delta(adapter) for adapter in adapter_names)
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError(
+                f"{name or 'layer'}: adapter(s) {adapter_names} contain NaN or inf weights; the merge would break the "
+                "model. Nothing was changed."
+            )
+        return delta
+
     def fold_adapters(self, adapter_names: list[str], zero_format: str = "float", name: str = "") -> LayerFold:
         """Fold ``adapter_names`` into this layer's zero points without changing anything yet.
 
@@ -190,12 +210,7 @@ class QALoraLayer(BaseTunerLayer):
         the loss.
         """
         base = self.get_base_layer()
-        delta = sum(self.group_delta(adapter) for adapter in adapter_names)
-        if not bool(torch.isfinite(delta).all()):
-            raise ValueError(
-                f"{name or 'layer'}: adapter(s) {adapter_names} contain NaN or inf weights; the merge would break the "
-                "model. Nothing was changed."
-            )
+        delta = self._checked_delta(adapter_names, name)
         original = read_zero_points(base, self.checkpoint_format)
         folded = fold(original, base.scales, delta.to(original.device))
         if zero_format == "float":
@@ -206,16 +221,37 @@ class QALoraLayer(BaseTunerLayer):
         rounded, rounding = round_zeros(name, folded, original, base.scales, self.facts.bits, lowest)
         return LayerFold(adapter_names, rounded, "int", rounding)
 
+    def calibrated_fold(
+        self, adapter_names: list[str], hessian: torch.Tensor, name: str = "", method: str = DEFAULT_METHOD
+    ) -> LayerFold:
+        """The calibrated integer merge of ``adapter_names`` (calibrated_merge.py), computed but not applied.
+
+        ``hessian`` is ``X^T X`` of this layer's inputs in the adapter model on the calibration data.
+        """
+        base = self.get_base_layer()
+        if isinstance(base, FloatZeroGPTQLinear):
+            raise ValueError(f"{name}: already merged into real-valued zero points; unmerge before an integer merge.")
+        delta = self._checked_delta(adapter_names, name)
+        zeros = read_zero_points(base, self.checkpoint_format).to(torch.int64)
+        codes = unpack_qweight(base.qweight, self.facts.bits, self.in_features)
+        lowest = 1 if in_memory_zero_format(base, self.checkpoint_format) == "gptq" else 0
+        solution = solve_layer(
+            name, codes, zeros, base.scales, base.g_idx, delta, hessian, self.facts.bits, lowest, method=method
+        )
+        return LayerFold(adapter_names, solution.zeros, "int", solution.report, codes=solution.codes)
+
     def apply_fold(self, layer_fold: LayerFold) -> None:
         """Make the base layer compute the folded weights; :meth:`unmerge` restores it exactly."""
         base = self.get_base_layer()
         if self._unmerged is None:
-            self._unmerged = (base, getattr(base, "qzeros", None))
+            self._unmerged = (base, getattr(base, "qzeros", None), getattr(base, "qweight", None))
         if layer_fold.zero_format == "float":
             self.base_layer = FloatZeroGPTQLinear.from_gptq(base, layer_fold.zeros)
         else:
             zero_format = in_memory_zero_format(base, self.checkpoint_format)
             base.qzeros = pack_qzeros(layer_fold.zeros, self.facts.bits, zero_format).to(base.qzeros.device)
+            if layer_fold.codes is not None:
+                base.qweight = pack_qweight(layer_fold.codes, self.facts.bits).to(base.qweight.device)
             _clear_kernel_cache(base)
         self.merged_adapters.extend(layer_fold.adapters)
 
@@ -355,10 +391,13 @@ class QALoraLinear(nn.Module, QALoraLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        base, qzeros = self._unmerged
+        base, qzeros, qweight = self._unmerged
         self.base_layer = base
         if qzeros is not None and base.qzeros is not qzeros:
             base.qzeros = qzeros
+            _clear_kernel_cache(base)
+        if qweight is not None and base.qweight is not qweight:
+            base.qweight = qweight
             _clear_kernel_cache(base)
         self._unmerged = None
         self.merged_adapters.clear()

@@ -153,11 +153,13 @@ class RoundingLossError(ValueError):
                 f"change the weights arbitrarily, so nothing was changed. {alternatives}"
             )
         else:
+            hint = getattr(
+                report, "refusal_hint", "The adapter moves the zero points by less than the integer grid can express."
+            )
             message = (
                 f"Merging into integer zero points would lose {report.lost:.1%} of the adapter's effect (allowed: "
-                f"{max_rounding_loss:.1%}); nothing was changed. The adapter moves the zero points by less than the "
-                f"integer grid can express: {report.summary()}. {alternatives} Pass `max_rounding_loss=1.0` to round "
-                "anyway."
+                f"{max_rounding_loss:.1%}); nothing was changed. {hint} {report.summary()}. {alternatives} Pass "
+                "`max_rounding_loss=1.0` to merge anyway."
             )
         super().__init__(message)
 

@@ -16,6 +16,8 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibrated_merge import DEFAULT_METHOD, CalibratedMergeReport
+from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, CalibrationData, layer_hessians
 from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig
 from .float_zero_linear import FloatZeroGPTQLinear
 from .gptq import check_group_layout, is_gptq_layer, layer_facts
@@ -262,12 +264,17 @@ class QALoraModel(BaseTuner):
         safe_merge: bool = False,
         zero_format: str = "float",
         max_rounding_loss: float = DEFAULT_MAX_ROUNDING_LOSS,
+        calibration: Optional[CalibrationData] = None,
+        tokenizer: Any = None,
+        **calibration_options: Any,
     ) -> Optional[MergeReport]:
         """Fold the adapters into the GPTQ zero points, keeping the adapter layers (``unmerge_adapter`` undoes it).
 
         See :meth:`merge_and_unload` for the arguments. Returns the rounding report of an integer merge.
         """
-        return self._fold_all(adapter_names, zero_format, max_rounding_loss, progressbar=False)
+        return self._fold_all(
+            adapter_names, zero_format, max_rounding_loss, False, calibration, tokenizer, **calibration_options
+        )
 
     def merge_and_unload(
         self,
@@ -276,6 +283,9 @@ class QALoraModel(BaseTuner):
         adapter_names: Optional[list[str]] = None,
         zero_format: str = "float",
         max_rounding_loss: float = DEFAULT_MAX_ROUNDING_LOSS,
+        calibration: Optional[CalibrationData] = None,
+        tokenizer: Any = None,
+        **calibration_options: Any,
     ) -> nn.Module:
         """Fold the adapters into the GPTQ zero points and return the base model with no adapter left.
 
@@ -289,14 +299,25 @@ class QALoraModel(BaseTuner):
                 loaders read, but usually loses most of a trained adapter; the loss is measured first.
             max_rounding_loss: With ``zero_format="int"``, refuse (raising :class:`RoundingLossError`, model
                 unchanged) when rounding would lose more than this share of the adapter's effect. Zero points
-                pushed outside the grid are always refused.
+                pushed outside the grid are always refused. A calibrated merge is judged on its own measured loss
+                on the calibration inputs' layer outputs.
+            calibration: With ``zero_format="int"``: calibration data (text, a list of texts, token ids, or a
+                ``pathlib.Path`` to a text / ``.json`` / ``.jsonl`` file; see :mod:`peft_qalora.calibration`) from the
+                fine-tuning distribution. The merge then also changes integer codes and zero points, on the base's
+                grid, so that each merged layer's output on these inputs matches the adapter model's
+                (:mod:`peft_qalora.calibrated_merge`); the report measures what it keeps on those outputs.
+            tokenizer: Tokenizes text calibration data (default: the one saved with the base model's folder).
+            calibration_options: ``calibration_seq_len`` (tokens per block, default 512), ``calibration_max_tokens``
+                (default 32768), ``calibration_method`` (``"codes"``, ``"zeros"`` or ``"both"``; default ``"codes"``).
 
         Returns:
             The merged transformers model. After an integer merge its ``qalora_merge_report`` attribute holds the
             :class:`MergeReport`. Its ``save_pretrained`` and ``push_to_hub`` also write the model card
             (``README.md``: base model, quantization, adapter, zero format, merge report).
         """
-        report = self._fold_all(adapter_names, zero_format, max_rounding_loss, progressbar)
+        report = self._fold_all(
+            adapter_names, zero_format, max_rounding_loss, progressbar, calibration, tokenizer, **calibration_options
+        )
         merged_configs = {name: self.peft_config[name] for name in (adapter_names or self.active_adapters)}
         model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         if zero_format == "float":
@@ -325,15 +346,33 @@ class QALoraModel(BaseTuner):
             )
 
     def _fold_all(
-        self, adapter_names: Optional[list[str]], zero_format: str, max_rounding_loss: float, progressbar: bool
+        self,
+        adapter_names: Optional[list[str]],
+        zero_format: str,
+        max_rounding_loss: float,
+        progressbar: bool,
+        calibration: Optional[CalibrationData] = None,
+        tokenizer: Any = None,
+        **calibration_options: Any,
     ) -> Optional[MergeReport]:
         """Fold every layer first, check the rounding loss, and only then change the model (all or nothing)."""
         if zero_format not in ZERO_FORMATS:
             raise ValueError(f"zero_format must be one of {ZERO_FORMATS}, got {zero_format!r}.")
+        if calibration is not None and zero_format != "int":
+            raise ValueError("`calibration` applies to the integer merge: pass zero_format='int' with it.")
         self._check_merge_allowed()
         if zero_format == "float":
             self._check_unadapted_layers_readable()
         layers = {name: m for name, m in self.model.named_modules() if isinstance(m, QALoraLinear)}
+        if calibration is not None:
+            folds = self.calibrated_folds(
+                layers, adapter_names, calibration, tokenizer, progressbar, **calibration_options
+            )
+            report = CalibratedMergeReport([layer_fold.rounding for layer_fold in folds.values()])
+            check_rounding(report, max_rounding_loss)
+            for name, layer_fold in folds.items():
+                layers[name].apply_fold(layer_fold)
+            return report
         folds: dict[str, LayerFold] = {}
         for name, layer in tqdm(layers.items(), disable=not progressbar, desc="Folding adapters into zero points"):
             names = check_adapters_to_merge(layer, adapter_names)
@@ -346,6 +385,44 @@ class QALoraModel(BaseTuner):
         for name, layer_fold in folds.items():
             layers[name].apply_fold(layer_fold)
         return report
+
+    def calibrated_folds(
+        self,
+        layers: dict[str, QALoraLinear],
+        adapter_names: Optional[list[str]],
+        calibration: CalibrationData,
+        tokenizer: Any = None,
+        progressbar: bool = False,
+        calibration_seq_len: int = DEFAULT_SEQ_LEN,
+        calibration_max_tokens: int = DEFAULT_MAX_TOKENS,
+        calibration_method: str = DEFAULT_METHOD,
+    ) -> dict[str, LayerFold]:
+        """The calibrated integer merge of every layer, computed (the model runs on the data) but not applied."""
+        if adapter_names is not None and set(adapter_names) != set(self.active_adapters):
+            raise ValueError(
+                f"A calibrated merge matches the outputs of the model with its active adapters {self.active_adapters}; "
+                f"to merge {adapter_names}, make them the active ones first (`set_adapter`)."
+            )
+        merging = {}
+        for name, layer in layers.items():
+            names = check_adapters_to_merge(layer, adapter_names)
+            if names:
+                merging[name] = (layer, names)
+        if not merging:
+            return {}
+        collector = layer_hessians(
+            self.model,
+            {name: layer for name, (layer, _) in merging.items()},
+            calibration,
+            tokenizer,
+            seq_len=calibration_seq_len,
+            max_tokens=calibration_max_tokens,
+            progressbar=progressbar,
+        )
+        folds = {}
+        for name, (layer, names) in tqdm(merging.items(), disable=not progressbar, desc="Calibrated integer merge"):
+            folds[name] = layer.calibrated_fold(names, collector.hessian(name), name, calibration_method)
+        return folds
 
 
 def _store_float_zeros(model: nn.Module) -> None:

@@ -16,9 +16,12 @@ from typing import Optional
 
 import torch
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .calibrated_merge import DEFAULT_METHOD, CalibratedMergeReport
+from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, CalibrationData, require_tokens
 from .checkpoint import (
     NOT_INHERITED_FILES,
     SAFETENSORS_INDEX,
@@ -36,7 +39,15 @@ from .checkpoint import (
     write_shard,
 )
 from .config import QALoraConfig, qalora_scaling
-from .gptq import GPTQLayerFacts, check_group_layout, facts_from_tensors, group_counts, pack_qzeros, unpack_qzeros
+from .gptq import (
+    GPTQLayerFacts,
+    check_group_layout,
+    facts_from_tensors,
+    group_counts,
+    pack_qweight,
+    pack_qzeros,
+    unpack_qzeros,
+)
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, fold, group_delta, round_zeros
 from .model_card import merged_facts, write_card
 from .quantizer import QALoraGPTQConfig
@@ -113,6 +124,10 @@ def merge_checkpoint(
     max_rounding_loss: float = DEFAULT_MAX_ROUNDING_LOSS,
     overwrite: bool = False,
     progressbar: bool = True,
+    calibration: Optional[CalibrationData] = None,
+    calibration_seq_len: int = DEFAULT_SEQ_LEN,
+    calibration_max_tokens: int = DEFAULT_MAX_TOKENS,
+    calibration_method: str = DEFAULT_METHOD,
 ) -> Optional[MergeReport]:
     """Merge the QA-LoRA adapter in ``adapter_dir`` into the GPTQ checkpoint in ``base_dir``, writing ``out_dir``.
 
@@ -126,12 +141,19 @@ def merge_checkpoint(
         max_rounding_loss: With ``zero_format="int"``, refuse when rounding loses more than this share.
         overwrite: Replace a non-empty ``out_dir``.
         progressbar: Show progress bars.
+        calibration: With ``zero_format="int"``, calibration data (text, token ids, or a ``pathlib.Path`` to a text,
+            ``.json`` or ``.jsonl`` file; text is tokenized with the base's tokenizer): the calibrated integer merge,
+            as ``merge_and_unload(zero_format="int", calibration=...)``. It changes codes (``qweight``) and zero
+            points, so it loads the base model with the adapter in memory to compute the layers' input Hessians.
+        calibration_seq_len, calibration_max_tokens, calibration_method: As ``merge_and_unload``'s.
 
     Returns:
         The :class:`MergeReport` of an integer merge, ``None`` for a float merge.
     """
     if zero_format not in ZERO_FORMATS:
         raise ValueError(f"zero_format must be one of {ZERO_FORMATS}, got {zero_format!r}.")
+    if calibration is not None and zero_format != "int":
+        raise ValueError("Calibration data applies to the integer merge: pass zero_format='int' (--zero-format int).")
     quantization = gptq_quantization(base_dir)
     config, adapter = read_adapter_layers(adapter_dir)
     check_output_folder(out_dir, overwrite)
@@ -149,13 +171,20 @@ def merge_checkpoint(
         )
     finally:
         torch.set_num_threads(threads)
+    codes: dict[str, torch.Tensor] = {}
+    if calibration is not None:
+        blocks = _calibration_blocks(base_dir, calibration, calibration_seq_len, calibration_max_tokens)
+        require_tokens(blocks, max(_tensor_shape(base_dir, located, f"{module}.g_idx")[0] for module in adapter))
+        report = _calibrated_solutions(
+            base_dir, adapter_dir, quantization, blocks, zeros, codes, calibration_method, progressbar
+        )
     if report is not None:
         check_rounding(report, max_rounding_loss)
 
     with atomic_folder(out_dir) as tmp:
         weight_map = {}
         for file in tqdm(files, disable=not progressbar, desc="Writing merged shards"):
-            plan = _shard_plan(tensor_names(os.path.join(base_dir, file)), zeros, zero_format)
+            plan = _shard_plan(tensor_names(os.path.join(base_dir, file)), zeros, zero_format, codes)
             write_shard(os.path.join(base_dir, file), os.path.join(tmp, file), plan)
             weight_map.update(dict.fromkeys((name for name, _ in plan), file))
         if index is not None:
@@ -212,10 +241,54 @@ def _fold_checkpoint(base_dir, located, modules, adapter, config, quantization, 
     return zeros, (MergeReport(roundings) if zero_format == "int" else None)
 
 
-def _shard_plan(names: list[str], zeros: dict[str, torch.Tensor], zero_format: str) -> list:
-    """Output tensors of one shard: each ``qzeros`` replaced, everything else copied as it is."""
+def _tensor_shape(base_dir: str, located: dict[str, str], name: str) -> list[int]:
+    with safe_open(os.path.join(base_dir, located[name]), framework="pt") as f:
+        return list(f.get_slice(name).get_shape())
+
+
+def _calibration_blocks(base_dir: str, calibration: CalibrationData, seq_len: int, max_tokens: int) -> list:
+    """The calibration data as token blocks (text tokenized with the base's tokenizer), checked before any loading."""
+    from .calibration import calibration_blocks, default_tokenizer
+
+    vocab_size = read_config(base_dir).get("vocab_size")
+    tokenizer = default_tokenizer(base_dir)
+    return calibration_blocks(calibration, tokenizer, seq_len=seq_len, max_tokens=max_tokens, vocab_size=vocab_size)
+
+
+def _calibrated_solutions(base_dir, adapter_dir, quantization, blocks, zeros, codes, method, progressbar):
+    """Run the base with the adapter on the calibration blocks; fill ``zeros``/``codes`` with the packed results.
+
+    The in-memory calibrated merge computes them (``QALoraModel.calibrated_folds``), so both paths agree.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from .layer import QALoraLinear
+
+    bits = int(quantization["bits"])
+    # gptq_torch: the GPTQModel kernel that reads its codes and zeros exactly on every CPU (DESIGN.md, "Traps").
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, quantization_config=GPTQConfig(bits=bits, backend="gptq_torch")
+    )
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    tuner = model.base_model
+    layers = {name: m for name, m in tuner.model.named_modules() if isinstance(m, QALoraLinear)}
+    folds = tuner.calibrated_folds(layers, None, blocks, progressbar=progressbar, calibration_method=method)
+    for name, layer_fold in folds.items():
+        zeros[name] = pack_qzeros(layer_fold.zeros, bits, "gptq_v2")
+        codes[name] = pack_qweight(layer_fold.codes, bits)
+    return CalibratedMergeReport([layer_fold.rounding for layer_fold in folds.values()])
+
+
+def _shard_plan(
+    names: list[str], zeros: dict[str, torch.Tensor], zero_format: str, codes: Optional[dict] = None
+) -> list:
+    """Output tensors of one shard: each ``qzeros`` (and, calibrated, ``qweight``) replaced, the rest copied."""
     plan = []
     for name in names:
+        if codes and name.endswith(".qweight") and name.removesuffix(".qweight") in codes:
+            plan.append((name, codes[name.removesuffix(".qweight")]))
+            continue
         module = name.removesuffix(".qzeros")
         if module == name or module not in zeros:
             plan.append((name, name))
