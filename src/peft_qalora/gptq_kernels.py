@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .gptq import effective_group_size, unpack_qweight, unpack_qzeros
+from .gptq import effective_group_size, is_gptq_layer, unpack_qweight, unpack_qzeros
 
 TRAINABLE_BACKEND = "auto_trainable"  # GPTQModel picks a trainable kernel that keeps the GPTQ layout
 
@@ -101,6 +101,40 @@ def gptq_layout_problem(layer: nn.Module) -> Optional[str]:
             found = "none" if not isinstance(tensor, torch.Tensor) else f"{tensor.dtype} {tuple(tensor.shape)}"
             return f"its {name} is not in GPTQ layout (found {found}, expected shape {shape})"
     return None
+
+
+def _unadapted_gptq_layers(model: nn.Module):
+    # a GPTQ layer inside a QA-LoRA layer is its `base_layer`; those are handled by QALoraLinear itself
+    for name, module in model.named_modules():
+        if is_gptq_layer(module) and not name.endswith(".base_layer"):
+            yield name, module
+
+
+def untrainable_unadapted_layers(model: nn.Module, targeted: set[str]) -> list[str]:
+    """``"name (Kernel)"`` of each GPTQ layer outside ``targeted`` (and unwrapped) whose kernel cannot ``train()``."""
+    return [
+        f"{name} ({type(module).__name__})"
+        for name, module in _unadapted_gptq_layers(model)
+        if not kernel_trains(module) and name not in targeted
+    ]
+
+
+def pin_unadapted_layers(model: nn.Module) -> list[nn.Module]:
+    """:func:`pin_gptq_layout` every GPTQ layer no adapter wraps; returns the layers this call pinned.
+
+    Otherwise an evaluation step during training would switch them, for good, to an inference kernel under
+    ``torch.no_grad``, and every adapter before them would get a silently wrong gradient.
+    """
+    return [module for _, module in _unadapted_gptq_layers(model) if pin_gptq_layout(module)]
+
+
+def unreadable_unadapted_layers(model: nn.Module) -> list[str]:
+    """``"name: problem"`` of each GPTQ layer no adapter wraps that no longer holds GPTQ-layout tensors."""
+    return [
+        f"{name}: {problem}"
+        for name, module in _unadapted_gptq_layers(model)
+        if (problem := gptq_layout_problem(module))
+    ]
 
 
 def refusal_hint(bits: int) -> str:

@@ -19,20 +19,20 @@ from tqdm.auto import tqdm
 from .calibrated_merge import DEFAULT_METHOD, CalibratedMergeReport
 from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, CalibrationData, layer_hessians
 from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig
-from .float_zero_linear import FloatZeroGPTQLinear
 from .gptq import check_group_layout, is_gptq_layer, layer_facts
 from .gptq_kernels import (
     TRAINABLE_BACKEND,
     gptq_layout_problem,
-    kernel_trains,
-    pin_gptq_layout,
+    pin_unadapted_layers,
     refusal_hint,
     release_gptq_layout,
+    unreadable_unadapted_layers,
+    untrainable_unadapted_layers,
 )
 from .layer import LayerFold, QALoraLayer, QALoraLinear
-from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, read_zero_points
+from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding
+from .merged_model import relabel_integer_merge, store_float_zeros
 from .model_card import attach_merged_card, merged_facts
-from .quantizer import QALoraGPTQConfig, QALoraGPTQHfQuantizer
 
 logger = logging.getLogger(__name__)
 
@@ -158,15 +158,7 @@ class QALoraModel(BaseTuner):
         ``model.train()``, which every trainer calls, reaches the others too, and GPTQModel's inference-only kernels
         raise there.
         """
-        frozen = [
-            f"{name} ({type(module).__name__})"
-            for name, module in model.named_modules()
-            # a layer wrapped by an earlier adapter trains already (QALoraLinear.train)
-            if is_gptq_layer(module)
-            and not kernel_trains(module)
-            and not name.endswith(".base_layer")
-            and name not in targeted
-        ]
+        frozen = untrainable_unadapted_layers(model, targeted)
         if frozen:
             raise ValueError(
                 "Cannot add a trainable QA-LoRA adapter; nothing was changed. These GPTQ layers are not adapted and "
@@ -236,9 +228,7 @@ class QALoraModel(BaseTuner):
         kernel its choice back.
         """
         pinned = getattr(self, "_pinned_layers", [])
-        for name, module in model.named_modules():
-            if is_gptq_layer(module) and not name.endswith(".base_layer") and pin_gptq_layout(module):
-                pinned.append(module)
+        pinned.extend(pin_unadapted_layers(model))
         self._pinned_layers = pinned
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
@@ -321,9 +311,9 @@ class QALoraModel(BaseTuner):
         merged_configs = {name: self.peft_config[name] for name in (adapter_names or self.active_adapters)}
         model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         if zero_format == "float":
-            _store_float_zeros(model)
+            store_float_zeros(model, base_quantization(model) or {})
         else:
-            _relabel_integer_merge(model)
+            relabel_integer_merge(model, base_quantization(model) or {})
             model.qalora_merge_report = report
         # `save_pretrained` / `push_to_hub` of the merged model write its card (README.md) too
         attach_merged_card(model, merged_facts(merged_configs, zero_format, report, architecture=type(model).__name__))
@@ -331,11 +321,7 @@ class QALoraModel(BaseTuner):
 
     def _check_unadapted_layers_readable(self) -> None:
         """A float merge rewrites every GPTQ layer as a float-zero layer: the unadapted ones must hold GPTQ codes."""
-        problems = [
-            f"{name}: {problem}"
-            for name, module in self.model.named_modules()
-            if is_gptq_layer(module) and not name.endswith(".base_layer") and (problem := gptq_layout_problem(module))
-        ]
+        problems = unreadable_unadapted_layers(self.model)
         if problems:
             raise ValueError(
                 "Cannot merge; nothing was changed. The merged model stores every GPTQ layer with real-valued zero "
@@ -423,44 +409,3 @@ class QALoraModel(BaseTuner):
         for name, (layer, names) in tqdm(merging.items(), disable=not progressbar, desc="Calibrated integer merge"):
             folds[name] = layer.calibrated_fold(names, collector.hessian(name), name, calibration_method)
         return folds
-
-
-def _store_float_zeros(model: nn.Module) -> None:
-    """Make every GPTQ layer a float-zero layer and label the model a ``peft_qalora`` checkpoint for saving."""
-    quantization = base_quantization(model) or {}
-    checkpoint_format = quantization.get("checkpoint_format")
-    for name, module in list(model.named_modules()):
-        if is_gptq_layer(module):  # GPTQ layers no adapter touched: same weights, stored the same way
-            parent_name, _, child = name.rpartition(".")
-            float_layer = FloatZeroGPTQLinear.from_gptq(module, read_zero_points(module, checkpoint_format))
-            setattr(model.get_submodule(parent_name), child, float_layer)
-    modules = [name for name, module in model.named_modules() if isinstance(module, FloatZeroGPTQLinear)]
-    config = QALoraGPTQConfig(
-        bits=quantization.get("bits"),
-        group_size=quantization.get("group_size"),
-        desc_act=quantization.get("desc_act", False),
-        sym=quantization.get("sym", True),
-        modules=modules,
-        base_checkpoint_format=checkpoint_format,
-    )
-    model.config.quantization_config = config
-    model.hf_quantizer = QALoraGPTQHfQuantizer(config, pre_quantized=True)
-
-
-def _relabel_integer_merge(model: nn.Module) -> None:
-    """Label an integer-zero merge so that saving writes zeros and label that agree.
-
-    GPTQModel holds v2 zeros in memory (DESIGN.md, "Traps"), and merged zeros are no longer the symmetric
-    midpoint: kernels that assume ``sym=True`` would ignore them.
-    """
-    quantization_config = model.config.quantization_config
-    updates = {"sym": False}
-    layer = next((m for m in model.modules() if is_gptq_layer(m)), None)
-    checkpoint_format = (base_quantization(model) or {}).get("checkpoint_format")
-    if (layer is not None and getattr(layer, "REQUIRES_FORMAT_V2", False)) or checkpoint_format == "gptq_v2":
-        updates["format"] = "gptq_v2"
-    for key, value in updates.items():
-        if isinstance(quantization_config, dict):
-            quantization_config["checkpoint_format" if key == "format" else key] = value
-        else:
-            setattr(quantization_config, key, value)
