@@ -56,6 +56,17 @@ def test_g_idx_with_an_empty_group(gptq_checkpoint):
     assert_untouched(model)
 
 
+@pytest.mark.parametrize("group", [-1, 4])
+def test_g_idx_naming_a_group_the_layer_does_not_have(gptq_checkpoint, group):
+    model = load_gptq(gptq_checkpoint(bits=4).path, backend="gptq_torch")
+    q_proj = model.model.layers[0].self_attn.q_proj  # 128 channels, 4 groups of 32
+    q_proj.g_idx = q_proj.g_idx.clone()
+    q_proj.g_idx[0] = group
+    with pytest.raises(ValueError, match=r"self_attn.q_proj: its g_idx names groups outside 0..3"):
+        get_peft_model(model, QALoraConfig(target_modules="all-linear"))
+    assert_untouched(model)
+
+
 @pytest.fixture(scope="module")
 def saved_adapter(tmp_path_factory, gptq_checkpoint):
     """A 4-bit g32 act-order adapter, saved."""

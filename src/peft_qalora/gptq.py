@@ -189,12 +189,12 @@ def check_group_layout(facts: GPTQLayerFacts, g_idx: torch.Tensor) -> str | None
     """
     if g_idx.numel() != facts.in_features:
         return f"its g_idx has {g_idx.numel()} entries for {facts.in_features} input channels"
-    counts = group_counts(g_idx, facts.num_groups)
-    if counts.numel() != facts.num_groups or int(g_idx.min()) < 0:
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= facts.num_groups:
         return (
             f"its g_idx names groups outside 0..{facts.num_groups - 1} (in_features={facts.in_features}, "
             f"group_size={facts.group_size})"
         )
+    counts = group_counts(g_idx, facts.num_groups)
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         return f"its g_idx assigns no input channel to group(s) {empty[:5]}; every quantization group needs one"
