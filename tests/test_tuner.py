@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import load_gptq
 from peft import get_peft_model
-from reference import assert_close, reference_model
+from reference import assert_close, assert_trains_like_reference, loss_of
 
 from peft_qalora import QALoraConfig, QALoraLinear
 
@@ -18,10 +18,6 @@ def adapted(model, **kwargs):
     return get_peft_model(model, config)
 
 
-def loss_of(logits, input_ids):
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
-
-
 @pytest.mark.parametrize("bits,act_order,sym,checkpoint_format", COMBINATIONS)
 def test_logits_and_gradients_match_dense_reference(
     gptq_checkpoint, input_ids, bits, act_order, sym, checkpoint_format
@@ -29,18 +25,7 @@ def test_logits_and_gradients_match_dense_reference(
     synthetic = gptq_checkpoint(bits=bits, act_order=act_order, sym=sym, checkpoint_format=checkpoint_format)
     model = adapted(load_gptq(synthetic.path))
     assert all(type(m).__name__ != "Linear" or "lm_head" in n for n, m in model.named_modules() if "qalora_" not in n)
-    reference, ref_layers = reference_model(synthetic, model)
-
-    logits = model(input_ids).logits
-    ref_logits = reference(input_ids).logits
-    assert_close(logits, ref_logits, atol=1e-4, what="logits")
-
-    loss_of(logits, input_ids).backward()
-    loss_of(ref_logits, input_ids).backward()
-    for name, ref in ref_layers.items():
-        layer = model.get_base_model().get_submodule(name)
-        assert_close(layer.qalora_A["default"].weight.grad, ref.A.grad, atol=1e-6, rtol=1e-4, what=f"{name} dA")
-        assert_close(layer.qalora_B["default"].weight.grad, ref.B.grad, atol=1e-6, rtol=1e-4, what=f"{name} dB")
+    assert_trains_like_reference(synthetic, model, input_ids)
 
 
 @pytest.mark.parametrize("backend", [None, "gptq_torch"])
