@@ -138,7 +138,7 @@ class FloatZeroGPTQLinear(nn.Module):
         if order is not None:
             codes = codes.index_select(0, order)
         weight = codes.to(torch.float32)
-        if not self._order_cache[1]:
+        if not self.has_regular_groups():
             g = self.g_idx.long() if order is None else self.g_idx.long()[order]
             return weight.sub_(self.zeros[g]).mul_(self.scales.float()[g])
         group_size = effective_group_size(self)

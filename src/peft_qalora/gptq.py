@@ -151,6 +151,11 @@ class GPTQLayerFacts:
     def has_partial_group(self) -> bool:
         return self.in_features % self.group_size != 0
 
+    @property
+    def last_group_size(self) -> int:
+        """Channels of the last group: ``group_size``, or fewer for a partial group."""
+        return self.in_features - self.group_size * (self.num_groups - 1)
+
     def to_dict(self) -> dict:
         return {
             "bits": self.bits,

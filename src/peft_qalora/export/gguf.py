@@ -215,7 +215,7 @@ def _check_exact(checkpoint: MergedCheckpoint, base_dir: str) -> None:
         )
     for module, facts in checkpoint.facts.items():
         # Every group, a partial last one included, must be whole blocks: then the row length is too.
-        last = facts.in_features - facts.group_size * (facts.num_groups - 1)
+        last = facts.last_group_size
         if facts.group_size % _BLOCK or last % _BLOCK:
             partial = f", the last group {last}" if facts.has_partial_group else ""
             raise ValueError(

@@ -206,7 +206,7 @@ def _check_quantization(checkpoint: MergedCheckpoint) -> dict[str, int]:
     group_sizes, problems = {}, []
     for module, facts in checkpoint.facts.items():
         # One MLX group size per layer that tiles every GPTQ group, a partial last group included.
-        last = facts.in_features - facts.group_size * (facts.num_groups - 1)
+        last = facts.last_group_size
         group = next((size for size in MLX_GROUP_SIZES if facts.group_size % size == 0 and last % size == 0), None)
         if group is None:
             partial = f" (last group {last})" if facts.has_partial_group else ""
