@@ -354,19 +354,17 @@ class QALoraModel(BaseTuner):
             folds = self.calibrated_folds(
                 layers, adapter_names, calibration, tokenizer, progressbar, **calibration_options
             )
-            report = CalibratedMergeReport([layer_fold.rounding for layer_fold in folds.values()])
-            check_rounding(report, max_rounding_loss)
-            for name, layer_fold in folds.items():
-                layers[name].apply_fold(layer_fold)
-            return report
-        folds: dict[str, LayerFold] = {}
-        for name, layer in tqdm(layers.items(), disable=not progressbar, desc="Folding adapters into zero points"):
-            names = check_adapters_to_merge(layer, adapter_names)
-            if names:
-                folds[name] = layer.fold_adapters(names, zero_format, name)
+            report_type = CalibratedMergeReport
+        else:
+            folds: dict[str, LayerFold] = {}
+            for name, layer in tqdm(layers.items(), disable=not progressbar, desc="Folding adapters into zero points"):
+                names = check_adapters_to_merge(layer, adapter_names)
+                if names:
+                    folds[name] = layer.fold_adapters(names, zero_format, name)
+            report_type = MergeReport
         report = None
         if zero_format == "int":
-            report = MergeReport([layer_fold.rounding for layer_fold in folds.values()])
+            report = report_type([layer_fold.rounding for layer_fold in folds.values()])
             check_rounding(report, max_rounding_loss)
         for name, layer_fold in folds.items():
             layers[name].apply_fold(layer_fold)
