@@ -39,9 +39,8 @@ from .checkpoint import (
     locate_tensors,
     shard_files,
 )
-from .config import QALoraConfig, check_weights_file
+from .config import QUANTIZATION_KEYS, QALoraConfig, check_weights_file
 from .gptq import GPTQLayerFacts, check_group_layout, facts_from_tensors, group_counts
-from .model import QUANTIZATION_KEYS
 
 logger = logging.getLogger(__name__)
 

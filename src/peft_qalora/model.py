@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .calibrated_merge import DEFAULT_METHOD, CalibratedMergeReport
 from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, CalibrationData, layer_hessians
-from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig
+from .card_facts import merged_facts
+from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig, base_quantization
 from .gptq import check_group_layout, is_gptq_layer, layer_facts
 from .gptq_kernels import (
     TRAINABLE_BACKEND,
@@ -32,13 +33,12 @@ from .gptq_kernels import (
 from .layer import LayerFold, QALoraLayer, QALoraLinear
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding
 from .merged_model import relabel_integer_merge, store_float_zeros
-from .model_card import attach_merged_card, merged_facts
+from .save_hooks import attach_merged_card
 
 logger = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"
 _MAX_LISTED = 8
-QUANTIZATION_KEYS = ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")
 
 
 def _base_of(module: nn.Module) -> nn.Module:
@@ -67,16 +67,6 @@ def gptq_layer_names(model: nn.Module) -> list[str]:
 def _bits(model: nn.Module) -> int | str:
     """The model's GPTQ bits, for error messages that show the ``GPTQConfig(bits=...)`` line to use."""
     return (base_quantization(model) or {}).get("bits", "...")
-
-
-def base_quantization(model: nn.Module) -> dict | None:
-    """The GPTQ settings of a transformers model's ``quantization_config``, as a plain dict."""
-    quantization_config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if quantization_config is None:
-        return None
-    if not isinstance(quantization_config, dict):
-        quantization_config = quantization_config.to_dict()
-    return {key: quantization_config[key] for key in QUANTIZATION_KEYS if key in quantization_config}
 
 
 class QALoraModel(BaseTuner):

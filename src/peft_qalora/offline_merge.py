@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .calibrated_merge import DEFAULT_METHOD, CalibratedMergeReport
 from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, CalibrationData, require_tokens
+from .card_facts import merged_facts
 from .checkpoint import (
     NOT_INHERITED_FILES,
     SAFETENSORS_INDEX,
@@ -49,7 +50,7 @@ from .gptq import (
     unpack_qzeros,
 )
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, fold, group_delta, round_zeros
-from .model_card import merged_facts, write_card
+from .model_card import write_card
 from .quantizer import QALoraGPTQConfig
 
 logger = logging.getLogger(__name__)
