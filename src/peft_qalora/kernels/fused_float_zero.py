@@ -3,17 +3,20 @@
 
 ``FloatZeroGPTQLinear`` keeps GPTQ's packed codes ``q``, fp16 scales ``s`` and fp32 real-valued zeros ``z'``. For the
 few rows of decoding, dequantizing the whole weight and calling cuBLAS reads and writes the weight several times
-(benchmarks/results/gpu.md: 75-116 us per 7B layer where Marlin takes 14-22 us). This kernel reads the packed codes,
+(benchmarks/results/gpu.md: 75-116 us per 7B layer where Marlin takes 10-17 us). This kernel reads the packed codes,
 scales and zeros once and never writes a weight. It uses the fold's algebra rather than a dequantized tile: inside a
 group ``g`` the scale and zero are constant, so
 
     out[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] q[k, n]  -  z'[g, n] * sum_{k in g} x[m, k])
 
 The inner sum multiplies the activations by the integer codes, which bf16/fp16 hold exactly, on the tensor cores
-(``tl.dot``, fp32 accumulation; a broadcast multiply-add for one row); scale and zero are applied per group in fp32.
-Nothing is rounded to 16 bits but the activations (as given) and the output: the fp32 zero keeps its full precision,
-where a 16-bit zero near 8 rounds by up to 0.004 steps (DESIGN.md, "The fold"), and the weight is never rounded to
-bf16 either (the dequantize-then-matmul path rounds it once).
+(``tl.dot``, fp32 accumulation), or for one row with fp32 multiply-adds; scale and zero are applied per group in
+fp32. Each packed word is loaded once and unpacked with shifts, and a code becomes a float by its bit pattern rather
+than a conversion (:func:`_code_format`). Programs that share K write fp32 partial sums, which a second kernel adds
+in a fixed order. Nothing is rounded to 16 bits but the activations (as given) and the output: the fp32 zero keeps its
+full precision, where a 16-bit zero near 8 rounds by up to 0.004 steps (DESIGN.md, "The fold"), and the weight is
+never rounded either (the dequantize-then-matmul path rounds it once). Design and measurements: docs/design.md, "The
+merged layer at decoding sizes".
 
 Applies to 2/4/8-bit codes, fp16/bf16 activations on CUDA, groups contiguous along the input (no act-order), any
 group size whose largest power-of-two divisor up to 128 is at least 16, and a last group shorter than the others
@@ -319,7 +322,7 @@ def _layout_group_size(layer: nn.Module) -> int:
     """The layer's group size where the kernel covers its tensors' layout, else 0.
 
     Cached in the layer's ``_kernel_cache`` (``FloatZeroGPTQLinear`` empties it when its tensors change or move):
-    decoding asks once per layer per token, and these checks cost more than the launch.
+    decoding asks once per layer per token, and the checks read a dozen module attributes.
     """
     cache = getattr(layer, "_kernel_cache", None)
     if cache is not None and "fused_group_size" in cache:
