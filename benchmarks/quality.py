@@ -474,8 +474,13 @@ def qalora_int_calibrated_row(
     ppl = score(model, setup, args, f"{bits}-bit QA-LoRA merged, calibrated integer")
     del model
     free()
+    what = (
+        "of the layer-output error the base codes leave on the merged model's inputs (sequential)"
+        if args.calibration_method == "sequential"
+        else "of the adapter's effect on the layer outputs"
+    )
     note = (
-        f"merge report: kept {report.kept:.1%} of the adapter's effect on the layer outputs of "
+        f"merge report: kept {report.kept:.1%} {what}, on "
         f"{sum(b.numel() for b in setup.calibration):,} calibration tokens, {report.codes_changed:,} codes "
         f"({report.codes_changed / report.codes_total:.2%}) and {report.zeros_changed:,} zero points changed, "
         f"method {args.calibration_method}, {seconds:.0f} s"

@@ -16,8 +16,9 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrated_merge import DEFAULT_METHOD, CalibratedMergeReport
+from .calibrated_merge import DEFAULT_METHOD, METHODS, CalibratedMergeReport
 from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, CalibrationData, layer_hessians
+from .sequential_calibration import sequential_calibrated_folds
 from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig
 from .gptq import check_group_layout, is_gptq_layer, layer_facts
 from .gptq_kernels import (
@@ -298,7 +299,8 @@ class QALoraModel(BaseTuner):
                 (:mod:`peft_qalora.calibrated_merge`); the report measures what it keeps on those outputs.
             tokenizer: Tokenizes text calibration data (default: the one saved with the base model's folder).
             calibration_options: ``calibration_seq_len`` (tokens per block, default 512), ``calibration_max_tokens``
-                (default 32768), ``calibration_method`` (``"codes"``, ``"zeros"`` or ``"both"``; default ``"codes"``).
+                (default 32768), ``calibration_method`` (``"sequential"``, the default, ``"greedy"``, ``"codes"``, ``"zeros"``
+                or ``"both"``; :mod:`peft_qalora.calibrated_merge`).
 
         Returns:
             The merged transformers model. After an integer merge its ``qalora_merge_report`` attribute holds the
@@ -382,6 +384,8 @@ class QALoraModel(BaseTuner):
         calibration_method: str = DEFAULT_METHOD,
     ) -> dict[str, LayerFold]:
         """The calibrated integer merge of every layer, computed (the model runs on the data) but not applied."""
+        if calibration_method not in METHODS:
+            raise ValueError(f"calibration_method must be one of {METHODS}, got {calibration_method!r}.")
         if adapter_names is not None and set(adapter_names) != set(self.active_adapters):
             raise ValueError(
                 f"A calibrated merge matches the outputs of the model with its active adapters {self.active_adapters}; "
@@ -394,14 +398,18 @@ class QALoraModel(BaseTuner):
                 merging[name] = (layer, names)
         if not merging:
             return {}
+        options = dict(seq_len=calibration_seq_len, max_tokens=calibration_max_tokens, progressbar=progressbar)
+        if calibration_method == "sequential":
+            folds = sequential_calibrated_folds(self.model, merging, calibration, tokenizer, **options)
+            if folds is not None:
+                return folds
+            calibration_method = "greedy"  # some adapted layer lies outside the decoder blocks (logged)
         collector = layer_hessians(
             self.model,
             {name: layer for name, (layer, _) in merging.items()},
             calibration,
             tokenizer,
-            seq_len=calibration_seq_len,
-            max_tokens=calibration_max_tokens,
-            progressbar=progressbar,
+            **options,
         )
         folds = {}
         for name, (layer, names) in tqdm(merging.items(), disable=not progressbar, desc="Calibrated integer merge"):
