@@ -21,6 +21,7 @@ from peft_qalora.calibrated_merge import solve_layer
 from peft_qalora.calibration import CalibrationError, calibration_blocks
 from peft_qalora.cli import main as cli_main
 from peft_qalora.gptq import unpack_qweight, unpack_qzeros
+from peft_qalora.sequential_calibration import outside_blocks, repeated_blocks, sequential_calibrated_folds
 from peft_qalora.testing import byte_level_tokenizer, quantize_rtn
 
 CALIBRATION = torch.randint(3, 259, (4, 192), generator=torch.Generator().manual_seed(7))  # 768 tokens >= 2 x 256
@@ -89,7 +90,7 @@ def dense_merged_model(synthetic, tensors):
 
 @pytest.fixture(scope="module")
 def merged_v1(tmp_path_factory):
-    """A 4-bit act-order asymmetric v1 base, its adapter, and the in-memory calibrated merge (saved too)."""
+    """A 4-bit act-order asymmetric v1 base, its adapter, and the in-memory sequential calibrated merge (saved)."""
     from peft_qalora.testing import write_gptq_checkpoint
 
     root = tmp_path_factory.mktemp("calibrated")
@@ -99,7 +100,9 @@ def merged_v1(tmp_path_factory):
     reference, replaced = reference_model(synthetic, model)
     inputs = captured_inputs(reference, list(synthetic.layers), CALIBRATION)
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(3))
-    merged = model.merge_and_unload(zero_format="int", calibration=CALIBRATION, max_rounding_loss=1.0)
+    merged = model.merge_and_unload(
+        zero_format="int", calibration=CALIBRATION, max_rounding_loss=1.0, calibration_method="sequential"
+    )
     with torch.no_grad():
         logits = merged(ids).logits
     merged.save_pretrained(root / "merged")
@@ -119,17 +122,15 @@ def merged_v1(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def greedy_v1(merged_v1):
-    """The one-shot greedy calibrated merge (every layer on the adapter model's inputs) of the same base and adapter."""
+    """The default one-shot greedy calibrated merge (every layer on the adapter model's inputs), same base and adapter."""
     model = adapter_model(merged_v1["synthetic"])
-    merged = model.merge_and_unload(
-        zero_format="int", calibration=CALIBRATION, max_rounding_loss=1.0, calibration_method="greedy"
-    )
+    merged = model.merge_and_unload(zero_format="int", calibration=CALIBRATION, max_rounding_loss=1.0)
     merged.save_pretrained(merged_v1["root"] / "merged-greedy")
     return dict(merged_v1, report=merged.qalora_merge_report, folder=merged_v1["root"] / "merged-greedy")
 
 
 def test_sequential_report_matches_an_independent_layer_by_layer_reference(merged_v1):
-    """Default (sequential): each layer's error on the merged model's own inputs against the adapter model's outputs.
+    """Sequential: each layer's error on the merged model's own inputs against the adapter model's outputs.
 
     The reference runs the dense merged model (built from the checkpoint's codes and zeros) and the dense adapter
     model in fp64 and compares every layer there: no row may be worse than its base codes, and the report's kept
@@ -265,6 +266,7 @@ def test_offline_merge_and_cli_write_the_in_memory_result(merged_v1, tmp_path):
         zero_format="int",
         max_rounding_loss=1.0,
         calibration=ids_file,
+        calibration_method="sequential",
         progressbar=False,
     )
     assert report.kept == pytest.approx(merged_v1["report"].kept, abs=1e-6)
@@ -286,6 +288,8 @@ def test_offline_merge_and_cli_write_the_in_memory_result(merged_v1, tmp_path):
             str(ids_file),
             "--max-rounding-loss",
             "1",
+            "--calibration-method",
+            "sequential",
             "-q",
         ]
     )
@@ -426,6 +430,18 @@ def test_solve_layer_with_a_linear_term_minimises_the_error_against_other_inputs
     with pytest.raises(ValueError, match="give both or neither"):
         solve_layer("l", layer.codes, layer.zeros, layer.scales, g_idx, delta, x_merged.t() @ x_merged, bits, 0,
                     method, linear=linear)
+
+
+def test_sequential_calibration_refuses_layers_outside_the_decoder_blocks():
+    """The sequential merge runs block by block; an adapted layer elsewhere is named before anything runs."""
+    blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(3))
+    model = torch.nn.ModuleDict(dict(layers=blocks, head=torch.nn.Linear(4, 4)))
+    layers = {f"layers.{i}.0": blocks[i][0] for i in range(3)}
+    assert repeated_blocks(model, layers) is blocks and outside_blocks(model, layers) == []
+    layers["head"] = model["head"]
+    assert repeated_blocks(model, layers) is None and outside_blocks(model, layers) == ["head"]
+    with pytest.raises(ValueError, match=r"outside its decoder blocks: \['head'\]"):
+        sequential_calibrated_folds(model, {name: (layer, ["default"]) for name, layer in layers.items()}, CALIBRATION)
 
 
 def test_calibration_files_and_texts_become_the_same_blocks(tmp_path):

@@ -13,8 +13,13 @@ to minimise, for every output row ``n``,
 the error of the merged layer's output on the calibration inputs against the adapter model's. This is GPTQ's
 problem with the adapted weight ``W + dW`` as target, starting from the codes the base already has. Everything is
 computed in differences from the base (value changes of a few thousandths of a step), so fp32 loses nothing to
-cancellation. Four ways, measured in docs/design.md ("Calibrated integer merge"):
+cancellation. The methods (``calibration_method``), measured in docs/design.md ("Calibrated integer merge"):
 
+* ``"sequential"``: the greedy solver below on the sequential calibration's objective
+  (:mod:`peft_qalora.sequential_calibration`): block by block, each layer on the merged model's own inputs against
+  the adapter model's outputs, so later layers make up for what earlier ones could not keep. It keeps the most
+  (SmolLM2-135M 4-bit: 96% of the held-out gain, greedy 72%) and holds one block's statistics at a time, but runs
+  the calibration data through each block several times (about 2x greedy's time).
 * ``"greedy"`` (default): coordinate descent, the best single move (one code or one group's zero point, one step)
   of each row at a time. It finds the few moves whose combined effect on the outputs matches a change far smaller
   than one step per weight, which error feedback mostly misses (below).
@@ -41,7 +46,7 @@ from .merge import LayerRounding, MergeReport
 
 SOLVERS = ("greedy", "codes", "zeros", "both")  # how solve_layer picks one layer's codes and zeros
 METHODS = ("sequential",) + SOLVERS  # calibration_method: "sequential" is greedy on the sequential calibration's targets
-DEFAULT_METHOD = "sequential"
+DEFAULT_METHOD = "greedy"
 DEFAULT_DAMPING = 0.01  # GPTQ's damp_percent: share of the mean diagonal added to H before inverting it
 _BLOCK = 128  # columns per lazy-update block, as GPTQ
 

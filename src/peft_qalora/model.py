@@ -299,8 +299,8 @@ class QALoraModel(BaseTuner):
                 (:mod:`peft_qalora.calibrated_merge`); the report measures what it keeps on those outputs.
             tokenizer: Tokenizes text calibration data (default: the one saved with the base model's folder).
             calibration_options: ``calibration_seq_len`` (tokens per block, default 512), ``calibration_max_tokens``
-                (default 32768), ``calibration_method`` (``"sequential"``, the default, ``"greedy"``, ``"codes"``, ``"zeros"``
-                or ``"both"``; :mod:`peft_qalora.calibrated_merge`).
+                (default 32768), ``calibration_method`` (``"greedy"``, the default, ``"sequential"``, ``"codes"``,
+                ``"zeros"`` or ``"both"``; :mod:`peft_qalora.calibrated_merge`).
 
         Returns:
             The merged transformers model. After an integer merge its ``qalora_merge_report`` attribute holds the
@@ -400,10 +400,7 @@ class QALoraModel(BaseTuner):
             return {}
         options = dict(seq_len=calibration_seq_len, max_tokens=calibration_max_tokens, progressbar=progressbar)
         if calibration_method == "sequential":
-            folds = sequential_calibrated_folds(self.model, merging, calibration, tokenizer, **options)
-            if folds is not None:
-                return folds
-            calibration_method = "greedy"  # some adapted layer lies outside the decoder blocks (logged)
+            return sequential_calibrated_folds(self.model, merging, calibration, tokenizer, **options)
         collector = layer_hessians(
             self.model,
             {name: layer for name, (layer, _) in merging.items()},

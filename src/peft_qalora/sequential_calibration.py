@@ -67,15 +67,27 @@ class _Batch:
 
 def repeated_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> nn.ModuleList | None:
     """The model's list of decoder blocks if every layer in ``layers`` lies inside one of them, else ``None``."""
+    best, inside = _blocks_holding(model, layers)
+    return best if len(inside) == len(layers) else None
+
+
+def outside_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
+    """Names of the layers in ``layers`` that no block of the model's list of decoder blocks holds."""
+    _, inside = _blocks_holding(model, layers)
+    return [name for name, module in layers.items() if id(module) not in inside]
+
+
+def _blocks_holding(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[nn.ModuleList | None, set[int]]:
+    """The ``nn.ModuleList`` (of at least 2 blocks) holding most of ``layers``, and the ids of those it holds."""
     wanted = {id(m) for m in layers.values()}
-    best, best_count = None, 0
+    best, best_inside = None, set()
     for module in model.modules():
         if not isinstance(module, nn.ModuleList) or len(module) < 2:
             continue
-        count = sum(id(m) in wanted for block in module for m in block.modules())
-        if count > best_count:
-            best, best_count = module, count
-    return best if best is not None and best_count == len(wanted) else None
+        inside = {id(m) for block in module for m in block.modules()} & wanted
+        if len(inside) > len(best_inside):
+            best, best_inside = module, inside
+    return best, best_inside
 
 
 def _first_output(output: Any) -> torch.Tensor:
@@ -222,12 +234,17 @@ def sequential_solve(
         stream = _block_inputs(model, blocks[0], batches)
         for batch in stream:
             batch.merged = batch.adapter
+        layout: dict[frozenset, list[list[str]]] = {}  # blocks of one architecture share their stages
         for block in blocks:
             inside = {m: n for m in block.modules() if (n := names.get(m)) is not None}
+            relative = {m: r for r, m in block.named_modules() if m in inside}
             dense = _DenseBlock(inside)
             try:
                 adapter_outputs: list[torch.Tensor] = []
-                stages = _stages(block, inside, stream[0]) if inside else []
+                key = frozenset(relative.values())
+                if inside and key not in layout:
+                    layout[key] = [[relative[m] for m in stage] for stage in _stages(block, inside, stream[0])]
+                stages = [[block.get_submodule(r) for r in stage] for stage in layout.get(key, [])]
                 for number, stage in enumerate(stages):
                     # The last stage's adapter passes run to the block's end: they give the next block's inputs.
                     targets, adapter_outputs = _stage_targets(
@@ -326,20 +343,19 @@ def sequential_calibrated_folds(
     seq_len: int = DEFAULT_SEQ_LEN,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     progressbar: bool = False,
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """The sequential calibrated integer merge of every layer in ``merging`` (name -> (QA-LoRA layer, adapters)).
 
-    Returns each layer's :class:`peft_qalora.layer.LayerFold`, computed but not applied; ``None`` (logged) when some
-    adapted layer lies outside the model's decoder blocks, for which the caller falls back to the one-shot
-    calibration. The data is checked (:func:`peft_qalora.calibration.model_calibration_blocks`) before anything runs.
+    Returns each layer's :class:`peft_qalora.layer.LayerFold`, computed but not applied. The data is checked
+    (:func:`peft_qalora.calibration.model_calibration_blocks`) before anything runs.
     """
     layers = {name: layer for name, (layer, _) in merging.items()}
-    if repeated_blocks(model, layers) is None:
-        logger.warning(
-            "The sequential calibration needs every adapted layer inside the model's decoder blocks; some are not, "
-            "so the merge calibrates every layer on the adapter model's inputs instead (calibration_method='greedy')."
+    outside = outside_blocks(model, layers)
+    if outside:
+        raise ValueError(
+            "calibration_method='sequential' runs the model one decoder block at a time, and these adapted layers "
+            f"lie outside its decoder blocks: {outside}. Use calibration_method='greedy' for this model."
         )
-        return None
     blocks = model_calibration_blocks(model, layers, data, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
     folds = {}
 
