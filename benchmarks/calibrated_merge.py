@@ -69,11 +69,11 @@ def sequential_objective(layer, g_idx, delta, x):
     seconds = time.perf_counter() - start
     residual = x @ adapted.t() - x_merged @ weight.t()
     tokens = x.shape[0]
-    options = dict(
-        hessian=x_merged.t() @ x_merged / tokens,
-        linear=residual.t().matmul(x_merged).div_(tokens),
-        start_energy=residual.square().sum(0, dtype=torch.float64) / tokens,
-    )
+    options = {
+        "hessian": x_merged.t() @ x_merged / tokens,
+        "linear": residual.t().matmul(x_merged).div_(tokens),
+        "start_energy": residual.square().sum(0, dtype=torch.float64) / tokens,
+    }
     return options, seconds
 
 

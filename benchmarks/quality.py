@@ -14,8 +14,8 @@ never saw. Rows, per GPTQ bit width (``--bits``, default 4 3 2; group size 32, n
   with ``max_rounding_loss=1.0``), reloaded as a stock GPTQ checkpoint; the note gives its merge report;
 * ``qalora-int-calibrated``: the calibrated integer merge (``merge_checkpoint(..., zero_format="int",
   calibration=...)``, forced with ``max_rounding_loss=1.0``) on the GPTQ calibration sequences of the training text,
-  reloaded as a stock GPTQ checkpoint; the note gives its merge report (share of the adapter's effect on the
-  calibration inputs' layer outputs kept, codes and zero points changed) and its wall time;
+  reloaded as a stock GPTQ checkpoint, one row per ``--calibration-method``; the note gives its merge report (what
+  the calibration inputs' layer outputs keep, codes and zero points changed) and its wall time;
 * ``qalora-gguf``: exported to GGUF Q4_1 (``export_gguf``), dequantized by gguf-py through transformers;
 * ``qalora-mlx``: exported to MLX (``export_mlx``), dequantized with ``mx.dequantize`` into the fp32 model;
 * ``peft-qalora`` (4-bit only): PEFT's built-in ``LoraConfig(use_qalora=True)``, unmerged (PEFT cannot merge

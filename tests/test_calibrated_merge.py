@@ -428,14 +428,25 @@ def test_solve_layer_with_a_linear_term_minimises_the_error_against_other_inputs
     assert solution.report.kept == pytest.approx(1 - (error.sum() / base_error.sum()).sqrt().item(), abs=1e-3)
     assert solution.report.kept > 0.2
     with pytest.raises(ValueError, match="give both or neither"):
-        solve_layer("l", layer.codes, layer.zeros, layer.scales, g_idx, delta, x_merged.t() @ x_merged, bits, 0,
-                    method, linear=linear)
+        solve_layer(
+            "l",
+            layer.codes,
+            layer.zeros,
+            layer.scales,
+            g_idx,
+            delta,
+            x_merged.t() @ x_merged,
+            bits,
+            0,
+            method,
+            linear=linear,
+        )
 
 
 def test_sequential_calibration_refuses_layers_outside_the_decoder_blocks():
     """The sequential merge runs block by block; an adapted layer elsewhere is named before anything runs."""
     blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(3))
-    model = torch.nn.ModuleDict(dict(layers=blocks, head=torch.nn.Linear(4, 4)))
+    model = torch.nn.ModuleDict({"layers": blocks, "head": torch.nn.Linear(4, 4)})
     layers = {f"layers.{i}.0": blocks[i][0] for i in range(3)}
     assert repeated_blocks(model, layers) is blocks and outside_blocks(model, layers) == []
     layers["head"] = model["head"]

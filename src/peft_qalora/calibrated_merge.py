@@ -45,7 +45,9 @@ import torch
 from .merge import LayerRounding, MergeReport
 
 SOLVERS = ("greedy", "codes", "zeros", "both")  # how solve_layer picks one layer's codes and zeros
-METHODS = ("sequential",) + SOLVERS  # calibration_method: "sequential" is greedy on the sequential calibration's targets
+METHODS = (
+    "sequential",
+) + SOLVERS  # calibration_method: "sequential" is greedy on the sequential calibration's targets
 DEFAULT_METHOD = "greedy"
 DEFAULT_DAMPING = 0.01  # GPTQ's damp_percent: share of the mean diagonal added to H before inverting it
 _BLOCK = 128  # columns per lazy-update block, as GPTQ
@@ -370,9 +372,7 @@ def solve_layer(
             if act_order:
                 order = torch.argsort(h.diagonal(), descending=True)
                 h_ordered = damped(h[order][:, order], damping)
-                m = error_feedback_round(
-                    remaining[:, order], h_ordered, step[:, order], low[:, order], high[:, order]
-                )
+                m = error_feedback_round(remaining[:, order], h_ordered, step[:, order], low[:, order], high[:, order])
                 code_steps = torch.empty_like(m).index_copy_(1, order, m)
             else:
                 code_steps = error_feedback_round(remaining, damped(h, damping), step, low, high)

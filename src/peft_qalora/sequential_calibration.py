@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,7 +62,7 @@ class _Batch:
     args: tuple  # the block's positional arguments after the hidden states
     kwargs: dict[str, Any]  # attention mask, position embeddings, ...
     adapter: torch.Tensor  # hidden states entering the block in the adapter model
-    merged: torch.Tensor = field(default=None)  # ... and in the merged model so far
+    merged: torch.Tensor | None = None  # ... and in the merged model so far
 
 
 def repeated_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> nn.ModuleList | None:
@@ -230,6 +230,12 @@ def sequential_solve(
     model.eval()
     names = {module: name for name, module in layers.items()}
     progress = tqdm(total=len(layers), disable=not progressbar, desc="Calibrated integer merge (sequential)")
+    logger.info(
+        "Sequential calibration: %d layers in %d blocks on %d tokens",
+        len(layers),
+        len(blocks),
+        sum(b.numel() for b in batches),
+    )
     try:
         stream = _block_inputs(model, blocks[0], batches)
         for batch in stream:
