@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -56,6 +57,13 @@ import torch
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KERNEL_BACKENDS = ("gptq_torch", "gptq_triton", "auto", "gptq_exllama_v2", "gptq_marlin")
+# serve phase: short name -> the row label in the tables
+SERVE_MODELS = {
+    "marlin": "GPTQ base on Marlin (`gptq_marlin`)",
+    "merged": "merged (FloatZeroGPTQLinear, fused kernel)",
+    "unmerged": "unmerged adapter on its base (`gptq_triton`, TritonV2Linear)",
+    "bf16": "bf16 model",
+}
 RESULTS: dict[str, Any] = {"kernels": [], "train": [], "generate": [], "checks": [], "phase_seconds": {}}
 
 
@@ -96,7 +104,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["gptq_marlin", "gptq_triton", "gptq_torch"],
         help="GPTQModel backends timed per layer in the layers phase",
     )
+    p.add_argument("--tile-grid", default="wide", choices=["wide", "focus"], help="tiles phase: the sweep")
     p.add_argument("--serve-modes", nargs="+", default=["eager", "static"], help="serve phase: eager, static")
+    p.add_argument(
+        "--serve-models",
+        nargs="+",
+        default=list(SERVE_MODELS),
+        choices=list(SERVE_MODELS),
+        help="serve phase: the models generating side by side",
+    )
     p.add_argument("--kernel-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -269,6 +285,7 @@ def load_gptq(path: str, backend: str, args: argparse.Namespace) -> torch.nn.Mod
 
 
 def kernel_classes(model: torch.nn.Module) -> list[str]:
+
     from peft_qalora.gptq import is_gptq_layer
 
     return sorted({type(m).__name__ for m in model.modules() if is_gptq_layer(m)})
@@ -723,12 +740,13 @@ def run_decode(args: argparse.Namespace, config: dict, tmp: str) -> None:
     import peft
 
     import peft_qalora
-    from peft_qalora.gptq import is_gptq_layer
 
     gs = args.gen_group_sizes[0]
     path = os.path.join(tmp, f"decode-g{gs}")
     write_random_gptq(path, config, 4, gs, args.device)
     model = load_gptq(path, args.backend, args)
+    from peft_qalora.gptq import is_gptq_layer
+
     base_layers = {name: m for name, m in model.named_modules() if is_gptq_layer(m)}
     generate_variant("gptq base", model, args, gs)
     profile_generate("gptq base", model, args)
@@ -840,16 +858,29 @@ def bench_us(fn: Callable[[], Any], quick: bool = False) -> float:
     return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median") * 1e3
 
 
-def graph_us(fn: Callable[[], Any]) -> float:
+def graph_us(fn: Callable[[], Any], rep: int = 25) -> float:
     """GPU us per call replayed from a CUDA graph (no launch overhead): the kernel time that decoding with CUDA
     graphs (a compiled static-cache ``generate``) pays; NaN where ``fn`` cannot be captured."""
     import triton.testing
 
     try:
-        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
     except Exception:  # noqa: BLE001 - e.g. a kernel that synchronizes
         torch.cuda.synchronize()
         return float("nan")
+
+
+def graph_us_each(call: Callable[[Any], Any], items: list) -> float:
+    """``graph_us`` of ``call(item)`` for every item in turn, per call. Each item holds its own weights and together
+    they exceed the L2 cache (H200: 50 MB), so every call reads its weights from HBM, as a decoding step does;
+    repeating one 4096x4096 layer (9 MB) would time it from L2."""
+    return graph_us(lambda: [call(item) for item in items]) / len(items)
+
+
+def hbm_copies(layer: torch.nn.Module, min_bytes: int = 128 << 20) -> list[torch.nn.Module]:
+    """``layer`` and enough deep copies of it that their tensors total ``min_bytes`` (beyond any L2 cache)."""
+    size = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    return [layer] + [copy.deepcopy(layer) for _ in range(max(0, -(-min_bytes // size) - 1))]
 
 
 def tinygemm_operands(codes: torch.Tensor, layer, group_size: int):
@@ -862,93 +893,116 @@ def tinygemm_operands(codes: torch.Tensor, layer, group_size: int):
     return packed, torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous(), n
 
 
+def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
+    """The fused kernel's tiles tried at ``rows`` (1, 16 or 64; other row counts are timed with the default tile).
+
+    ``wide``: one-row fp32 multiply-adds (BLOCK_M 1) and tensor-core tiles over tile widths, K blocks per
+    iteration, splits and warps (run 8's sweep). ``focus``: around run 8's best, wider tiles and splits, 8 warps,
+    the one-row sum per K block, and 64-row (wgmma) tiles for 16 rows.
+    """
+
+    def tile(bm: int, bn: int, st: int, sk: int, w: int, **extra: Any) -> dict:
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "STEPS": st, "SPLIT_K": sk, "num_warps": w, **extra}
+
+    if grid == "focus":
+        if rows == 1:
+            return [
+                tile(1, bn, st, sk, w, ROW_SUM_EACH_BLOCK=each)
+                for bn in (64, 128, 256)
+                for st in (1, 2)
+                for sk in (4, 8, 16)
+                for w in (4, 8)
+                for each in (False, True)
+            ]
+        if rows == 16:
+            return [tile(16, bn, 1, sk, w) for bn in (128, 256) for sk in (4, 8, 16) for w in (4, 8)] + [
+                tile(64, bn, 1, sk, 4) for bn in (64, 128) for sk in (4, 8)
+            ]
+        return [tile(64, bn, st, sk, w) for bn in (64, 128) for st in (1,) for sk in (2, 4, 8) for w in (4, 8)]
+    tiles = []
+    if rows == 1:
+        tiles += [
+            tile(1, bn, st, sk, w) for bn in (32, 64, 128) for st in (1, 2) for sk in (1, 2, 4, 8) for w in (2, 4)
+        ]
+    bm = min(64, max(16, triton_next_pow2(rows)))
+    tiles += [
+        tile(bm, bn, st, sk, w)
+        for bn in ((32, 64, 128) if rows <= 16 else (32, 64))
+        for st in (1, 2)
+        for sk in ((1, 2, 4, 8) if rows <= 16 else (1, 2, 4))
+        for w in ((4, 8) if rows == 16 else (4,))
+    ]
+    return tiles
+
+
 @torch.no_grad()
 def run_tiles(args: argparse.Namespace) -> None:
-    """The fused kernel alone: exactness against the codes, a tile sweep, and the row count where cuBLAS takes over."""
-    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm, set_fused_gemm
+    """The fused kernel alone: exactness against the codes, a tile sweep, and the row count where cuBLAS takes over.
+
+    Kernel times are CUDA-graph replays (``graph_us``): GPU time only, so a busy CPU (Marlin compiling beside the
+    sweep) does not move them.
+    """
+    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
     from peft_qalora.kernels import fused_float_zero as fz
 
     dtype = dtype_of(args)
     for name, (k, n) in LAYER_SHAPES.items():
         layer, codes, reference = random_float_zero_layer(k, n, 128, args.device)
+        copies = hbm_copies(layer)
         for rows in (1, 16, 32, 64):
-            x = torch.randn(rows, k, device=args.device, dtype=dtype)
-            exact = x.double() @ reference
-            fused = float_zero_gemm(layer, x)
-            with float_zero_path(triton=False):
-                torch_path = layer(x)  # dequantize in fp32, round the weight to bf16, matmul
-            RESULTS.setdefault("exactness", []).append(
-                {
+            for xdtype in (dtype, torch.float16):
+                x = torch.randn(rows, k, device=args.device, dtype=xdtype)
+                exact = x.double() @ reference
+                fused = float_zero_gemm(layer, x)
+                with float_zero_path(triton=False):
+                    torch_path = layer(x)  # dequantize in fp32, round the weight to the activation dtype, matmul
+                record = {
                     "layer": name,
                     "rows": rows,
+                    "dtype": str(xdtype).replace("torch.", ""),
                     "fused_vs_fp64": rel(fused, exact),
                     "torch_path_vs_fp64": rel(torch_path, exact),
                     "fused_vs_torch_path": rel(fused, torch_path),
-                    "bf16_output_rounding": rel(exact.to(dtype), exact),
+                    "output_rounding": rel(exact.to(xdtype), exact),
                 }
-            )
-            log("exact", json.dumps(RESULTS["exactness"][-1]))
-        for rows in (1, 16, 32, 64):
+                RESULTS.setdefault("exactness", []).append(record)
+                log("exact", json.dumps(record))
+        for rows in (1, 4, 16, 32, 64):
             x = torch.randn(rows, k, device=args.device, dtype=dtype)
-            bm = 1 if rows == 1 else min(64, max(16, triton_next_pow2(rows)))
-            grid = [
-                {
-                    "BLOCK_M": bm,
-                    "BLOCK_N": bn,
-                    "BLOCK_K": 128,
-                    "STEPS": st,
-                    "SPLIT_K": sk,
-                    "num_warps": w,
-                    "num_stages": ns,
-                }
-                for bn in ((32, 64, 128) if rows <= 16 else (32, 64))
-                for st in ((1, 2, 4) if rows <= 16 else (1, 2))
-                for sk in (1, 2, 4, 8)
-                for w in (4,)
-                for ns in (3,)
-            ]
-            if rows == 1:
-                grid += [dict(c, BLOCK_M=16) for c in grid if c["BLOCK_N"] == 64]
-            best = None
-            default_us = graph_us(lambda: float_zero_gemm(layer, x))
-            for config in grid:
+            default = fz._pick_config(rows, k, n, 128, fz._multiprocessors(0))
+            default_us = graph_us_each(lambda m: float_zero_gemm(m, x), copies)
+            best = (default_us, default)
+            for config in tile_grid(rows, args.tile_grid) if rows in (1, 16, 64) else []:
                 try:
-                    us = graph_us(lambda: float_zero_gemm(layer, x, config))
-                except Exception as exc:  # noqa: BLE001
+                    us = graph_us_each(lambda m: float_zero_gemm(m, x, config), copies)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for a tile
                     log("tile error", config, str(exc)[:200])
                     continue
                 RESULTS.setdefault("tiles", []).append({"layer": name, "rows": rows, "config": config, "graph_us": us})
                 if best is None or not us >= best[0]:  # NaN never wins
                     best = (us, config)
-            RESULTS.setdefault("tile_best", []).append(
-                {
-                    "layer": name,
-                    "rows": rows,
-                    "best_us": best[0],
-                    "best": best[1],
-                    "default_us": default_us,
-                    "default": fz._pick_config(rows, k, n, 128),
-                }
+            # the same best tile with the codes converted (int -> float) instead of built from their bits
+            convert = dict(best[1], CODE_BITS=0, CODE_OFFSET=0.0, FOLD_OFFSET=False, SPLIT_K=best[1]["SPLIT_K"])
+            convert_us = (
+                graph_us_each(lambda m: float_zero_gemm(m, x, convert), copies) if best[1]["BLOCK_M"] > 1 else None
             )
-            log("tiles", json.dumps(RESULTS["tile_best"][-1]))
+            record = {
+                "layer": name,
+                "rows": rows,
+                "best_us": best[0],
+                "best": best[1],
+                "best_converting_codes_us": convert_us,
+                "default_us": default_us,
+                "default": default,
+            }
+            RESULTS.setdefault("tile_best", []).append(record)
+            log("tiles", json.dumps(record))
         # where dequantize-then-cuBLAS overtakes the fused kernel
         for rows in (32, 64, 128, 256, 512):
             x = torch.randn(rows, k, device=args.device, dtype=dtype)
-            big = {
-                "BLOCK_M": 64,
-                "BLOCK_N": 64,
-                "BLOCK_K": 128,
-                "STEPS": 2,
-                "SPLIT_K": 1,
-                "num_warps": 4,
-                "num_stages": 3,
-            }
-            fused_us = bench_us(lambda: float_zero_gemm(layer, x, big, max_rows=None), quick=True)
-            set_fused_gemm(False)
-            try:
-                deq_us = bench_us(lambda: x @ dequantize_float_zeros(layer, dtype), quick=True)
-            finally:
-                set_fused_gemm(True)
+            big = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "STEPS": 2, "SPLIT_K": 1, "num_warps": 4}
+            fused_us = graph_us_each(lambda m: float_zero_gemm(m, x, big, max_rows=None), copies)
+            deq_us = graph_us_each(lambda m: x @ dequantize_float_zeros(m, dtype), copies)
             RESULTS.setdefault("crossover", []).append(
                 {"layer": name, "rows": rows, "fused_us": fused_us, "dequant_cublas_us": deq_us}
             )
@@ -956,6 +1010,7 @@ def run_tiles(args: argparse.Namespace) -> None:
         # torch's int4 kernel (tinygemm): speed and what its bf16 scales and offsets keep
         try:
             packed, sz, _ = tinygemm_operands(codes, layer, 128)
+            packs = [packed] + [packed.clone() for _ in copies[1:]]
             for rows in (1, 16, 4096):
                 x = torch.randn(rows, k, device=args.device, dtype=torch.bfloat16)
                 out = torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)
@@ -964,7 +1019,7 @@ def run_tiles(args: argparse.Namespace) -> None:
                     {
                         "layer": name,
                         "rows": rows,
-                        "gpu_us": bench_us(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)),
+                        "gpu_us": graph_us_each(lambda p: torch.ops.aten._weight_int4pack_mm(x, p, 128, sz), packs),
                         "vs_fp64": rel(out, exact),
                         "fused_vs_fp64": rel(float_zero_gemm(layer, x), exact) if rows <= 64 else None,
                     }
@@ -992,7 +1047,7 @@ def run_tiles(args: argparse.Namespace) -> None:
                 log("compile", RESULTS["checks"][-1])
         except Exception as exc:  # noqa: BLE001
             RESULTS["checks"].append({"compiled_layer": name, "error": f"{type(exc).__name__}: {exc}"[:400]})
-        del layer, codes, reference
+        layer = codes = reference = copies = None  # freed before the next shape
         free_memory()
 
 
@@ -1002,17 +1057,20 @@ def triton_next_pow2(n: int) -> int:
 
 @torch.no_grad()
 def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
-    """One decoder layer's q/gate/down at 1/16/4096 rows: Marlin, the other GPTQ kernels, the merged layer's paths."""
+    """q/gate/down at 1/16/4096 rows: Marlin, the other GPTQ kernels, the merged layer's paths.
+
+    The checkpoint has ``--layers`` decoder layers and every figure is per call, cycling through that projection of
+    all of them: with 8 layers the weights exceed the L2 cache, so they are read from HBM as in decoding.
+    """
     import peft
 
     import peft_qalora
-    from peft_qalora.gptq import is_gptq_layer
     from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
 
     dtype = dtype_of(args)
     gs = args.gen_group_sizes[0]
     path = os.path.join(tmp, f"layers-g{gs}")
-    write_random_gptq(path, llama_config(args, 1), 4, gs, args.device)
+    write_random_gptq(path, llama_config(args, args.layers), 4, gs, args.device)
     bases = {}
     for backend in args.layer_backends:
         started = time.perf_counter()
@@ -1031,33 +1089,40 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
     )
     randomize_adapter(adapted)
     adapted.eval()
-    names = {
-        "q_proj": "model.layers.0.self_attn.q_proj",
-        "gate_proj": "model.layers.0.mlp.gate_proj",
-        "down_proj": "model.layers.0.mlp.down_proj",
-    }
-    unmerged = {short: adapted.base_model.model.get_submodule(full) for short, full in names.items()}
+    names = {"q_proj": "self_attn.q_proj", "gate_proj": "mlp.gate_proj", "down_proj": "mlp.down_proj"}
+
+    def every_layer(model: torch.nn.Module, short: str) -> list[torch.nn.Module]:
+        return [model.get_submodule(f"model.layers.{i}.{names[short]}") for i in range(args.layers)]
+
+    unmerged = {short: every_layer(adapted.base_model.model, short) for short in names}
     xs = {
         (short, rows): torch.randn(rows, LAYER_SHAPES[short][0], device=args.device, dtype=dtype)
         for short in names
         for rows in (1, 16, 4096)
     }
-    unmerged_out = {key: unmerged[key[0]](x) for key, x in xs.items()}
-    merged_model = adapted.merge_and_unload()
-    for short, full in names.items():
-        layer = merged_model.get_submodule(full)
+    unmerged_out = {key: unmerged[key[0]][0](x) for key, x in xs.items()}
+    # merge a second copy: merge_and_unload() replaces the adapter layers, which `unmerged` must keep
+    merge_source = peft.get_peft_model(
+        load_gptq(path, "gptq_triton", args),
+        peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS),
+    )
+    randomize_adapter(merge_source)
+    merged_model = merge_source.merge_and_unload()
+    for short in names:
+        merged = every_layer(merged_model, short)
+        layer = merged[0]
         reference = layer.dequantize_weight().double()  # fp32 dequantize of the merged layer, from its own tensors
         for rows in (1, 16, 4096):
             x = xs[(short, rows)]
             candidates = {}
             for backend, model in bases.items():
-                base = model.get_submodule(full)
-                candidates[f"GPTQ base, {type(base).__name__} (`{backend}`)"] = lambda base=base: base(x)
-            candidates["merged, dispatch (FloatZeroGPTQLinear.forward)"] = lambda: layer(x)
-            candidates["merged, fused kernel"] = lambda: float_zero_gemm(layer, x, max_rows=None)
-            candidates["merged, Triton dequantize + cuBLAS"] = lambda: x @ dequantize_float_zeros(layer, dtype)
-            candidates["unmerged adapter on TritonV2Linear"] = lambda: unmerged[short](x)
-            for label, fn in candidates.items():
+                base = every_layer(model, short)
+                candidates[f"GPTQ base, {type(base[0]).__name__} (`{backend}`)"] = (lambda m: m(x), base)
+            candidates["merged, dispatch (FloatZeroGPTQLinear.forward)"] = (lambda m: m(x), merged)
+            candidates["merged, fused kernel"] = (lambda m: float_zero_gemm(m, x, max_rows=None), merged)
+            candidates["merged, Triton dequantize + cuBLAS"] = (lambda m: x @ dequantize_float_zeros(m, dtype), merged)
+            candidates["unmerged adapter on TritonV2Linear"] = (lambda m: m(x), unmerged[short])
+            for label, (call, modules) in candidates.items():
                 record: dict[str, Any] = {
                     "layer": short,
                     "shape": f"{layer.in_features}x{layer.out_features}",
@@ -1065,17 +1130,17 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
                     "variant": label,
                 }
                 try:
-                    record.update(time_call(fn, args))
-                    record["graph_us"] = graph_us(fn)
+                    record.update(time_call(lambda: call(modules[0]), args))
+                    record["graph_us"] = graph_us_each(call, modules)
                     if label.startswith("merged"):
-                        out = fn()
+                        out = call(layer)
                         record["vs_fp32_dequant_fp64_matmul"] = rel(out, x.double() @ reference)
                         record["vs_unmerged"] = rel(out, unmerged_out[(short, rows)])
                 except Exception as exc:  # noqa: BLE001
                     record["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 log("layer", json.dumps(record))
                 RESULTS.setdefault("layers", []).append(record)
-    del bases, merged_model, adapted, source
+    del bases, merged_model, merge_source, adapted, source
     free_memory()
 
 
@@ -1100,34 +1165,39 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
     gs = args.gen_group_sizes[0]
     path = os.path.join(tmp, f"serve-g{gs}")
     write_random_gptq(path, config, 4, gs, args.device)
+    wanted = set(args.serve_models)
     models: dict[str, torch.nn.Module] = {}
-    models["GPTQ base on Marlin (`gptq_marlin`)"] = load_gptq(path, "gptq_marlin", args)
-    adapted = peft.get_peft_model(
-        load_gptq(path, "gptq_triton", args),
-        peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS),
-    )
-    randomize_adapter(adapted)
-    models["unmerged adapter on its base (`gptq_triton`, TritonV2Linear)"] = adapted
-    merge_source = peft.get_peft_model(
-        load_gptq(path, "gptq_triton", args),
-        peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS),
-    )
-    randomize_adapter(merge_source)
-    models["merged (FloatZeroGPTQLinear, fused kernel)"] = merge_source.merge_and_unload()
-    models["bf16 model"] = bf16_model(config, args)
+    if "marlin" in wanted:
+        models[SERVE_MODELS["marlin"]] = load_gptq(path, "gptq_marlin", args)
+    adapter_config = peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS)
+    unmerged = None
+    if wanted & {"merged", "unmerged"}:
+        unmerged = peft.get_peft_model(load_gptq(path, "gptq_triton", args), adapter_config)
+        randomize_adapter(unmerged)  # seeded: the merged model below folds the same adapter
+        if "unmerged" in wanted:
+            models[SERVE_MODELS["unmerged"]] = unmerged
+    if "merged" in wanted:
+        merge_source = peft.get_peft_model(load_gptq(path, "gptq_triton", args), adapter_config)
+        randomize_adapter(merge_source)
+        models[SERVE_MODELS["merged"]] = merge_source.merge_and_unload()
+        del merge_source
+    if "bf16" in wanted:
+        models[SERVE_MODELS["bf16"]] = bf16_model(config, args)
     for m in models.values():
         m.eval()
     RESULTS["checks"].append({"serve_classes": {k: kernel_classes(m) for k, m in models.items()}})
-    ids_probe = torch.randint(3, args.vocab_size, (2, 32), device=args.device)
-    merged_name = "merged (FloatZeroGPTQLinear, fused kernel)"
-    unmerged_name = "unmerged adapter on its base (`gptq_triton`, TritonV2Linear)"
-    RESULTS["checks"].append(
-        {
-            "serve_merged_vs_unmerged_logits_rel": rel(
-                logits(models[merged_name], ids_probe), logits(models[unmerged_name], ids_probe)
-            )
-        }
-    )
+    if unmerged is not None and "merged" in wanted:
+        ids_probe = torch.randint(3, args.vocab_size, (2, 32), device=args.device)
+        RESULTS["checks"].append(
+            {
+                "serve_merged_vs_unmerged_logits_rel": rel(
+                    logits(models[SERVE_MODELS["merged"]], ids_probe), logits(unmerged.eval(), ids_probe)
+                )
+            }
+        )
+    if "unmerged" not in wanted:
+        del unmerged
+        free_memory()
     for mode in args.serve_modes:
         for batch in args.gen_batches:
             ids = torch.randint(3, args.vocab_size, (batch, args.prompt_len), device=args.device)
@@ -1153,7 +1223,7 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
                 log("warm", mode, batch, name, compiled[name])
             times: dict[str, list[float]] = {name: [] for name in models if "error" not in compiled[name]}
             names = list(times)
-            for rep in range(args.gen_repeats):
+            for rep in range(args.gen_repeats if names else 0):  # none left when every warm-up failed
                 for name in names[rep % len(names) :] + names[: rep % len(names)]:
                     with Timer(args.device) as t:
                         out = models[name].generate(
@@ -1170,7 +1240,7 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
                 log("serve", json.dumps(record))
                 RESULTS.setdefault("serve", []).append(record)
                 dump(args)
-    del models, adapted, merge_source
+    del models
     free_memory()
 
 
@@ -1352,31 +1422,36 @@ def render_issue14() -> list[str]:
     if RESULTS.get("exactness"):
         lines += [
             "**Fused kernel exactness** (relative error; fp64 reference built from the codes, scales and fp32 "
-            "zeros; the torch path rounds the weight to bf16)",
+            "zeros; the torch path rounds the weight to the activation dtype)",
             "",
-            "| layer | rows | fused vs fp64 | torch path vs fp64 | fused vs torch path | bf16 rounding of the exact output |",
-            "|---|---|---|---|---|---|",
+            "| layer | rows | dtype | fused vs fp64 | torch path vs fp64 | fused vs torch path | rounding of the exact output |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in RESULTS["exactness"]:
             lines.append(
-                f"| {r['layer']} | {r['rows']} | {r['fused_vs_fp64']:.2e} | {r['torch_path_vs_fp64']:.2e} "
-                f"| {r['fused_vs_torch_path']:.2e} | {r['bf16_output_rounding']:.2e} |"
+                f"| {r['layer']} | {r['rows']} | {r.get('dtype', 'bfloat16')} | {r['fused_vs_fp64']:.2e} "
+                f"| {r['torch_path_vs_fp64']:.2e} | {r['fused_vs_torch_path']:.2e} "
+                f"| {r.get('output_rounding', r.get('bf16_output_rounding')):.2e} |"
             )
         lines.append("")
     if RESULTS.get("tile_best"):
         lines += [
             "**Fused kernel tiles** (GPU us per call from CUDA-graph replays; best of the sweep vs the default)",
             "",
-            "| layer | rows | default us | default | best us | best |",
-            "|---|---|---|---|---|---|",
+            "| layer | rows | default us | default | best us | best | best tile, codes converted |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for r in RESULTS["tile_best"]:
-            short = lambda c: (
-                "M{BLOCK_M} N{BLOCK_N} K{BLOCK_K}x{STEPS} split{SPLIT_K} w{num_warps} s{num_stages}".format(**c)
+
+        def short(c: dict) -> str:
+            each = " sum each block" if c.get("ROW_SUM_EACH_BLOCK") else ""
+            return (
+                "M{BLOCK_M} N{BLOCK_N} K{BLOCK_K}x{STEPS} split{SPLIT_K} w{w}".format(w=c.get("num_warps"), **c) + each
             )
+
+        for r in RESULTS["tile_best"]:
             lines.append(
                 f"| {r['layer']} | {r['rows']} | {r['default_us']:.1f} | {short(r['default'])} "
-                f"| {r['best_us']:.1f} | {short(r['best'])} |"
+                f"| {r['best_us']:.1f} | {short(r['best'])} | {_fmt(r.get('best_converting_codes_us'), '.1f')} |"
             )
         lines.append("")
     if RESULTS.get("crossover"):
@@ -1407,9 +1482,11 @@ def render_issue14() -> list[str]:
         lines.append("")
     if RESULTS.get("layers"):
         lines += [
-            "**One layer** (bf16, no grad; GPU us = triton do_bench median; loop us = wall time per call, CPU "
-            "dispatch included; errors: merged output vs the fp32-dequantized merged weight in fp64, and vs "
-            "the unmerged adapter layer)",
+            "**One layer** (bf16, no grad; graph us = GPU time per call from CUDA-graph replays cycling through "
+            "the projection of every decoder layer, weights read from HBM; GPU us = triton do_bench median of one "
+            "layer, Python launch included where it is longer than the kernel; loop us = wall time per call in "
+            "a loop, CPU dispatch included; errors: merged output vs the fp32-dequantized merged weight in fp64, "
+            "and vs the unmerged adapter layer)",
             "",
             "| layer | rows | kernel | GPU us | graph us | loop us | vs fp64 | vs unmerged |",
             "|---|---|---|---|---|---|---|---|",

@@ -30,60 +30,83 @@ def _interpret(script: str) -> None:
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+# Run in the interpreter (CPU) and on CUDA: the layers, the reference and the bound, as a script.
+_MATCHES_FP64 = """
+import torch
+from peft_qalora import FloatZeroGPTQLinear
+from peft_qalora.gptq import pack_qweight
+from peft_qalora.kernels import float_zero_gemm
+
+device = "{device}"
+torch.manual_seed(0)
+split = {{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "STEPS": 2, "SPLIT_K": 2}}
+cases = [
+    # bits, in_features, out_features, group_size, rows, config
+    (4, 256, 96, 64, 1, None),
+    (4, 256, 96, 64, 5, None),
+    (4, 320, 48, 128, 3, None),  # 3 groups: 128, 128 and a last one of 64
+    (4, 320, 48, 128, 1, None),
+    (2, 256, 64, 32, 17, None),
+    (8, 128, 32, -1, 2, None),  # one group per row
+    (8, 128, 32, -1, 1, None),
+    (4, 512, 64, 128, 2, split),  # programs share K: fp32 partial sums, added in a second kernel
+    (4, 512, 64, 128, 1, dict(split, BLOCK_M=1)),
+    (4, 1024, 64, 128, 1, dict(split, BLOCK_M=1, SPLIT_K=3)),  # a split that does not divide the K blocks
+    (4, 320, 48, 128, 1, dict(split, BLOCK_M=1, ROW_SUM_EACH_BLOCK=True)),
+]
+# the interpreter's tl.dot is wrong for bf16 operands (Triton 3.8): several rows run in fp16 there
+{dtypes}
+for bits, K, N, group_size, rows, config in cases:
+    gs = K if group_size <= 0 else group_size
+    groups = -(-K // gs)
+    codes = torch.randint(0, 2**bits, (K, N))
+    scales = (torch.rand(groups, N) * 0.02 + 0.001).half()
+    # real-valued zeros near the middle, as after a merge: the fraction is the adapter
+    zeros = 2 ** (bits - 1) + torch.randn(groups, N) * 0.01
+    layer = FloatZeroGPTQLinear(bits, group_size, K, N)
+    layer.qweight, layer.scales, layer.zeros = pack_qweight(codes, bits), scales, zeros
+    layer.g_idx = (torch.arange(K) // gs).int()
+    layer = layer.to(device)
+    g = torch.arange(K) // gs
+    weight = (codes.double() - zeros.double()[g]) * scales.double()[g]  # (K, N)
+    for dtype in dtypes_for(rows):
+        x = torch.randn(rows, K).to(dtype)
+        out = float_zero_gemm(layer, x.to(device), config)
+        assert out is not None and out.dtype == dtype and out.shape == (rows, N), (bits, K, rows, dtype)
+        out = out.cpu()
+        exact = x.double() @ weight
+        # one ulp of the output dtype (the interpreter may truncate where the GPU rounds), plus fp32
+        # accumulation error relative to the sum of |terms|
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        bound = exact.abs() * ulp + 1e-6 * (x.double().abs() @ weight.abs()) + 1e-30
+        error = (out.double() - exact).abs()
+        assert (error <= bound).all(), (bits, K, N, group_size, rows, config, dtype, (error / bound).max())
+        if dtype == torch.float16 and bits <= 4:  # the bound is tight enough to catch zeros kept in 16 bits
+            rounded = (codes.double() - zeros.half().double()[g]) * scales.double()[g]
+            assert ((x.double() @ rounded - exact).abs() > bound).any(), (bits, K, rows)
+print("ok")
+"""
+
+
 def test_fused_kernel_matches_fp64_reference():
     """2/4/8 bits, one row and several, a shorter last group, one group per row, split-K: within output rounding."""
-    _interpret(
-        """
-        import torch
-        from peft_qalora import FloatZeroGPTQLinear
-        from peft_qalora.gptq import pack_qweight
-        from peft_qalora.kernels import float_zero_gemm
+    dtypes = "def dtypes_for(rows):\n    return (torch.bfloat16, torch.float16) if rows == 1 else (torch.float16,)"
+    _interpret(_MATCHES_FP64.format(device="cpu", dtypes=dtypes))
 
-        torch.manual_seed(0)
-        split = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "STEPS": 2, "SPLIT_K": 2}
-        cases = [
-            # bits, in_features, out_features, group_size, rows, config
-            (4, 256, 96, 64, 1, None),
-            (4, 256, 96, 64, 5, None),
-            (4, 320, 48, 128, 3, None),  # 3 groups: 128, 128 and a last one of 64
-            (4, 320, 48, 128, 1, None),
-            (2, 256, 64, 32, 17, None),
-            (8, 128, 32, -1, 2, None),  # one group per row
-            (4, 512, 64, 128, 2, split),  # programs share K, fp32 partial sums added atomically
-            (4, 512, 64, 128, 1, dict(split, BLOCK_M=1)),
-        ]
-        for bits, K, N, group_size, rows, config in cases:
-            gs = K if group_size <= 0 else group_size
-            groups = -(-K // gs)
-            codes = torch.randint(0, 2**bits, (K, N))
-            scales = (torch.rand(groups, N) * 0.02 + 0.001).half()
-            # real-valued zeros near the middle, as after a merge: the fraction is the adapter
-            zeros = 2 ** (bits - 1) + torch.randn(groups, N) * 0.01
-            layer = FloatZeroGPTQLinear(bits, group_size, K, N)
-            layer.qweight, layer.scales, layer.zeros = pack_qweight(codes, bits), scales, zeros
-            layer.g_idx = (torch.arange(K) // gs).int()
-            g = torch.arange(K) // gs
-            weight = (codes.double() - zeros.double()[g]) * scales.double()[g]  # (K, N)
-            # the interpreter's tl.dot is wrong for bf16 operands (Triton 3.8), so several rows run in fp16 here;
-            # benchmarks/gpu.py checks bf16 on the GPU
-            dtypes = (torch.bfloat16, torch.float16) if rows == 1 else (torch.float16,)
-            for dtype in dtypes:
-                x = torch.randn(rows, K).to(dtype)
-                out = float_zero_gemm(layer, x, config)
-                assert out is not None and out.dtype == dtype and out.shape == (rows, N), (bits, K, rows, dtype)
-                exact = x.double() @ weight
-                # one ulp of the output dtype (the interpreter may truncate where the GPU rounds), plus fp32
-                # accumulation error relative to the sum of |terms|
-                ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-                bound = exact.abs() * ulp + 1e-6 * (x.double().abs() @ weight.abs()) + 1e-30
-                error = (out.double() - exact).abs()
-                assert (error <= bound).all(), (bits, K, N, group_size, rows, config, dtype, (error / bound).max())
-                if dtype == torch.float16:  # the bound is tight enough to catch zeros kept in 16 bits
-                    rounded = (codes.double() - zeros.half().double()[g]) * scales.double()[g]
-                    assert ((x.double() @ rounded - exact).abs() > bound).any(), (bits, K, rows)
-        print("ok")
-        """
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_fused_kernel_matches_fp64_reference_on_cuda():
+    """The same cases compiled for the GPU, bf16 tensor-core tiles included (the interpreter cannot run those)."""
+    dtypes = "def dtypes_for(rows):\n    return (torch.bfloat16, torch.float16)"
+    result = subprocess.run(
+        [sys.executable, "-c", _MATCHES_FP64.format(device="cuda", dtypes=dtypes)],
+        check=False,
+        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_fused_kernel_declines_what_it_does_not_cover():
@@ -134,8 +157,42 @@ def test_fused_op_traces_as_one_node():
         def forward(self, x):
             return torch.ops.peft_qalora.float_zero_mm(x, self.qweight, self.scales, self.zeros, 4, gs)
 
-    program = torch.export.export(Merged(), (torch.randn(16, K, dtype=torch.bfloat16),))
-    calls = [n for n in program.graph.nodes if n.op == "call_function"]
-    assert [n.target for n in calls] == [torch.ops.peft_qalora.float_zero_mm.default]
-    value = calls[0].meta["val"]
-    assert value.shape == (16, N) and value.dtype == torch.bfloat16
+    x = torch.randn(16, K, dtype=torch.bfloat16)
+    # static rows, and symbolic rows (what torch.compile traces after a second row count): the tile is chosen per
+    # bucket of rows, never by hashing the symbol
+    rows = torch.export.Dim("rows", min=2, max=16)
+    for dynamic_shapes in (None, {"x": {0: rows}}):
+        program = torch.export.export(Merged(), (x,), dynamic_shapes=dynamic_shapes)
+        calls = [n for n in program.graph.nodes if n.op == "call_function"]
+        assert [n.target for n in calls] == [torch.ops.peft_qalora.float_zero_mm.default]
+        value = calls[0].meta["val"]
+        assert value.shape[1] == N and value.dtype == torch.bfloat16
+
+
+def test_reassigned_tensors_are_not_served_from_caches():
+    """A layer caches what it derives from its tensors (act-order map, CPU int4 operands, kernel layout); assigning a
+    new ``g_idx`` or ``zeros`` after a forward must take effect. Reference: the dense weight built here, in fp64."""
+    from peft_qalora import FloatZeroGPTQLinear
+    from peft_qalora.gptq import pack_qweight
+
+    torch.manual_seed(0)
+    K, N, gs = 128, 16, 32
+    codes = torch.randint(0, 16, (K, N))
+    layer = FloatZeroGPTQLinear(4, gs, K, N)
+    layer.qweight, layer.scales = pack_qweight(codes, 4), (torch.rand(K // gs, N) * 0.05 + 0.01).half()
+    layer.zeros = 8 + torch.randn(K // gs, N) * 0.01
+    act_order = torch.randperm(K) // gs  # channel k belongs to group act_order[k]
+    x = torch.randn(3, K)
+
+    def reference(g_idx: torch.Tensor) -> torch.Tensor:
+        g = g_idx.long()
+        weight = (codes.double() - layer.zeros.double()[g]) * layer.scales.double()[g]
+        return (x.double() @ weight).float()
+
+    for rows in (x[:1], x):  # one row takes the int4 kernel on CPU, three the dequantize path
+        layer.g_idx = act_order.int()
+        torch.testing.assert_close(layer(rows), reference(layer.g_idx)[: len(rows)], rtol=1e-4, atol=1e-4)
+        layer.g_idx = (torch.arange(K) // gs).int()
+        torch.testing.assert_close(layer(rows), reference(layer.g_idx)[: len(rows)], rtol=1e-4, atol=1e-4)
+        layer.zeros = layer.zeros + 0.5
+        torch.testing.assert_close(layer(rows), reference(layer.g_idx)[: len(rows)], rtol=1e-4, atol=1e-4)

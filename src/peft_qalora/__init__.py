@@ -22,10 +22,11 @@ from .fsdp import prepare_model_for_fsdp
 from .layer import QALoraLayer, QALoraLinear
 from .merge import MergeReport, RoundingLossError
 from .model import QALoraModel
-from .model_card import install_peft_hooks, write_model_card
+from .model_card import write_model_card
 from .offline_merge import merge_checkpoint
 from .peft_type import QALORA
 from .quantizer import QALoraGPTQConfig, register_with_transformers
+from .save_hooks import install_peft_hooks
 
 __version__ = "0.1.0"
 

@@ -64,7 +64,7 @@ def _check_hub_arguments(args: argparse.Namespace) -> None:
 
 def _push(path: str, repo_id: str, private: bool) -> int:
     """Upload a written output (a folder, whose card then names ``repo_id``, or one file); 1 if the upload fails."""
-    from .model_card import push_file, push_folder
+    from .hub_upload import push_file, push_folder
 
     push = push_file if os.path.isfile(path) else push_folder
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
@@ -24,6 +24,20 @@ TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     ),
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
 }
+
+
+# The base's GPTQ settings an adapter records (``QALoraConfig.base_quantization``).
+QUANTIZATION_KEYS = ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")
+
+
+def base_quantization(model: Any) -> dict | None:
+    """The GPTQ settings of a transformers model's ``quantization_config``, as a plain dict."""
+    quantization_config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quantization_config is None:
+        return None
+    if not isinstance(quantization_config, dict):
+        quantization_config = quantization_config.to_dict()
+    return {key: quantization_config[key] for key in QUANTIZATION_KEYS if key in quantization_config}
 
 
 def qalora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:

@@ -39,16 +39,15 @@ from .checkpoint import (
     locate_tensors,
     shard_files,
 )
-from .config import QALoraConfig, check_weights_file
+from .config import QUANTIZATION_KEYS, QALoraConfig, check_weights_file
 from .gptq import GPTQLayerFacts, check_group_layout, facts_from_tensors, group_counts
-from .model import QUANTIZATION_KEYS
+from .problems import format_problems
 
 logger = logging.getLogger(__name__)
 
 CONVERSION_TARGETS = ("qalora", "peft-lora", "lora")
 
 _KEY_PREFIX = "base_model.model."
-_MAX_LISTED = 8
 
 # LoraConfig fields a QA-LoRA adapter carries over (or that only describe how the weights were initialised, or
 # where they came from). Any other field set away from its default changes what the adapter computes in a way a
@@ -426,8 +425,7 @@ def _shape_problem(A: torch.Tensor, B: torch.Tensor, r: int, columns: int, facts
 
 def _raise_problems(problems: list[str], what: str) -> None:
     if problems:
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise ValueError(f"{what}; nothing was written:\n  " + "\n  ".join(problems[:_MAX_LISTED]) + more)
+        raise ValueError(f"{what}; nothing was written:" + format_problems(problems))
 
 
 def _rank(config: LoraConfig, module: str) -> int:

@@ -27,6 +27,8 @@ INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 class FloatZeroGPTQLinear(nn.Module):
     """GPTQ layout (``qweight``, ``scales``, ``g_idx``) with fp32 zero points ``zeros`` (groups x out_features)."""
 
+    _CACHED_FROM = frozenset({"qweight", "scales", "zeros", "g_idx", "bits", "group_size", "in_features"})
+
     def __init__(
         self, bits: int, group_size: int, in_features: int, out_features: int, bias: bool = False, pack_bits: int = 32
     ) -> None:
@@ -46,6 +48,7 @@ class FloatZeroGPTQLinear(nn.Module):
         self.register_buffer("weight", torch.empty(0, dtype=torch.float16))
         self._int4_cache: tuple | None = None
         self._order_cache: tuple | None = None
+        self._kernel_cache: dict = {}  # what the CUDA kernels derived from these tensors (kernels/)
 
     @classmethod
     def from_gptq(cls, layer: nn.Module, zeros: torch.Tensor) -> FloatZeroGPTQLinear:
@@ -166,6 +169,12 @@ class FloatZeroGPTQLinear(nn.Module):
     def _clear_caches(self) -> None:
         self._int4_cache = None
         self._order_cache = None
+        self._kernel_cache = {}
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._CACHED_FROM:  # everything cached is derived from these tensors
+            self._clear_caches()
+        super().__setattr__(name, value)
 
     def _apply(self, fn, recurse: bool = True):
         self._clear_caches()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .gptq import effective_group_size, is_gptq_layer, unpack_qweight, unpack_qzeros
+from .problems import format_problems
 
 TRAINABLE_BACKEND = "auto_trainable"  # GPTQModel picks a trainable kernel that keeps the GPTQ layout
 
@@ -110,13 +111,26 @@ def _unadapted_gptq_layers(model: nn.Module):
             yield name, module
 
 
-def untrainable_unadapted_layers(model: nn.Module, targeted: set[str]) -> list[str]:
-    """``"name (Kernel)"`` of each GPTQ layer outside ``targeted`` (and unwrapped) whose kernel cannot ``train()``."""
-    return [
+def check_unadapted_layers_trainable(model: nn.Module, targeted: set[str], bits: int | str) -> None:
+    """Refuse a trainable adapter when GPTQ layers it leaves alone use an inference-only kernel.
+
+    Adapted layers train on any GPTQ-layout kernel (QALoraLinear computes their training forward), but
+    ``model.train()``, which every trainer calls, reaches the others too, and GPTQModel's inference-only kernels
+    raise there. ``bits`` goes into the ``GPTQConfig`` line the error shows.
+    """
+    frozen = [
         f"{name} ({type(module).__name__})"
         for name, module in _unadapted_gptq_layers(model)
         if not kernel_trains(module) and name not in targeted
     ]
+    if frozen:
+        raise ValueError(
+            "Cannot add a trainable QA-LoRA adapter; nothing was changed. These GPTQ layers are not adapted and "
+            "use an inference-only GPTQModel kernel, whose `train()` raises when a trainer calls "
+            "`model.train()`:" + format_problems(frozen) + '\nAdapt them too (e.g. `target_modules="all-linear"`), or '
+            "load the model with a trainable kernel: `AutoModelForCausalLM.from_pretrained(..., "
+            f'quantization_config=GPTQConfig(bits={bits}, backend="{TRAINABLE_BACKEND}"))`.'
+        )
 
 
 def pin_unadapted_layers(model: nn.Module) -> list[nn.Module]:
@@ -128,13 +142,21 @@ def pin_unadapted_layers(model: nn.Module) -> list[nn.Module]:
     return [module for _, module in _unadapted_gptq_layers(model) if pin_gptq_layout(module)]
 
 
-def unreadable_unadapted_layers(model: nn.Module) -> list[str]:
-    """``"name: problem"`` of each GPTQ layer no adapter wraps that no longer holds GPTQ-layout tensors."""
-    return [
+def check_unadapted_layers_readable(model: nn.Module) -> None:
+    """A float merge rewrites every GPTQ layer as a float-zero layer: the unadapted ones must hold GPTQ codes."""
+    problems = [
         f"{name}: {problem}"
         for name, module in _unadapted_gptq_layers(model)
         if (problem := gptq_layout_problem(module))
     ]
+    if problems:
+        raise ValueError(
+            "Cannot merge; nothing was changed. The merged model stores every GPTQ layer with real-valued zero "
+            "points, read from the GPTQ tensors, and these layers (not adapted) no longer hold them:"
+            + format_problems(problems)
+            + "\nReload the base model, load the adapter onto it with `PeftModel.from_pretrained`, and merge "
+            "before running inference."
+        )
 
 
 def refusal_hint(bits: int) -> str:

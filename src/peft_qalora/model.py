@@ -10,46 +10,32 @@ from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
     _ExcludedModule,
-    check_adapters_to_merge,
     check_target_module_exists,
 )
 from torch import nn
-from tqdm.auto import tqdm
 
-from .calibrated_merge import DEFAULT_METHOD, METHODS, CalibratedMergeReport
-from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, CalibrationData, layer_hessians
-from .sequential_calibration import sequential_calibrated_folds
-from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig
+from . import model_merge
+from .calibration import CalibrationData
+from .config import TRANSFORMERS_MODELS_TO_QALORA_TARGET_MODULES_MAPPING, QALoraConfig, base_quantization
 from .gptq import check_group_layout, is_gptq_layer, layer_facts
 from .gptq_kernels import (
-    TRAINABLE_BACKEND,
+    check_unadapted_layers_trainable,
     gptq_layout_problem,
     pin_unadapted_layers,
     refusal_hint,
     release_gptq_layout,
-    unreadable_unadapted_layers,
-    untrainable_unadapted_layers,
 )
-from .layer import LayerFold, QALoraLayer, QALoraLinear
-from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding
-from .merged_model import relabel_integer_merge, store_float_zeros
-from .model_card import attach_merged_card, merged_facts
+from .layer import QALoraLayer, QALoraLinear
+from .merge import DEFAULT_MAX_ROUNDING_LOSS, MergeReport
+from .problems import format_problems
 
 logger = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"
-_MAX_LISTED = 8
-QUANTIZATION_KEYS = ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")
 
 
 def _base_of(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-def _listing(items: list[str]) -> str:
-    shown = "\n  ".join(items[:_MAX_LISTED])
-    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return f"\n  {shown}{more}"
 
 
 def gptq_layer_names(model: nn.Module) -> list[str]:
@@ -68,16 +54,6 @@ def gptq_layer_names(model: nn.Module) -> list[str]:
 def _bits(model: nn.Module) -> int | str:
     """The model's GPTQ bits, for error messages that show the ``GPTQConfig(bits=...)`` line to use."""
     return (base_quantization(model) or {}).get("bits", "...")
-
-
-def base_quantization(model: nn.Module) -> dict | None:
-    """The GPTQ settings of a transformers model's ``quantization_config``, as a plain dict."""
-    quantization_config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if quantization_config is None:
-        return None
-    if not isinstance(quantization_config, dict):
-        quantization_config = quantization_config.to_dict()
-    return {key: quantization_config[key] for key in QUANTIZATION_KEYS if key in quantization_config}
 
 
 class QALoraModel(BaseTuner):
@@ -140,34 +116,16 @@ class QALoraModel(BaseTuner):
             raise ValueError(
                 "Cannot add the QA-LoRA adapter; nothing was changed. QA-LoRA reads the quantization groups and zero "
                 "points from the GPTQ tensors, trains through them and folds into them, and these layers no longer "
-                "hold them:" + _listing(kernel_problems) + "\n" + refusal_hint(_bits(model))
+                "hold them:" + format_problems(kernel_problems) + "\n" + refusal_hint(_bits(model))
             )
         if problems:
             raise ValueError(
                 "Cannot add the QA-LoRA adapter; nothing was changed. Fix `target_modules`/`exclude_modules` or the "
-                "base model:" + _listing(problems)
+                "base model:" + format_problems(problems)
             )
         if not peft_config.inference_mode:
-            self._check_untargeted_layers_train(model, set(facts))
+            check_unadapted_layers_trainable(model, set(facts), _bits(model))
         self._check_recorded_base(peft_config, facts)
-
-    @staticmethod
-    def _check_untargeted_layers_train(model: nn.Module, targeted: set[str]) -> None:
-        """Refuse a trainable adapter when GPTQ layers it leaves alone use an inference-only kernel.
-
-        Adapted layers train on any GPTQ-layout kernel (QALoraLinear computes their training forward), but
-        ``model.train()``, which every trainer calls, reaches the others too, and GPTQModel's inference-only kernels
-        raise there.
-        """
-        frozen = untrainable_unadapted_layers(model, targeted)
-        if frozen:
-            raise ValueError(
-                "Cannot add a trainable QA-LoRA adapter; nothing was changed. These GPTQ layers are not adapted and "
-                "use an inference-only GPTQModel kernel, whose `train()` raises when a trainer calls "
-                "`model.train()`:" + _listing(frozen) + '\nAdapt them too (e.g. `target_modules="all-linear"`), or '
-                "load the model with a trainable kernel: `AutoModelForCausalLM.from_pretrained(..., "
-                f'quantization_config=GPTQConfig(bits={_bits(model)}, backend="{TRAINABLE_BACKEND}"))`.'
-            )
 
     @staticmethod
     def _check_recorded_base(peft_config: QALoraConfig, facts: dict) -> None:
@@ -184,7 +142,7 @@ class QALoraModel(BaseTuner):
         if problems:
             raise ValueError(
                 "This QA-LoRA adapter was trained on a different GPTQ base model; its groups would not match the "
-                "quantization groups of this one. Load it onto the base it was trained on:" + _listing(problems)
+                "quantization groups of this one. Load it onto the base it was trained on:" + format_problems(problems)
             )
 
     def _post_injection_hook(self, model: nn.Module, config: QALoraConfig, adapter_name: str) -> None:
@@ -248,6 +206,7 @@ class QALoraModel(BaseTuner):
         super()._replace_module(parent, child_name, new_module, child)
 
     # ------------------------------------------------------------------------------------------------- merging
+    # PEFT calls these on the tuner; the merge itself is in model_merge.py.
 
     def merge_adapter(
         self,
@@ -263,8 +222,8 @@ class QALoraModel(BaseTuner):
 
         See :meth:`merge_and_unload` for the arguments. Returns the rounding report of an integer merge.
         """
-        return self._fold_all(
-            adapter_names, zero_format, max_rounding_loss, False, calibration, tokenizer, **calibration_options
+        return model_merge.fold_all(
+            self, adapter_names, zero_format, max_rounding_loss, False, calibration, tokenizer, **calibration_options
         )
 
     def merge_and_unload(
@@ -307,108 +266,13 @@ class QALoraModel(BaseTuner):
             :class:`MergeReport`. Its ``save_pretrained`` and ``push_to_hub`` also write the model card
             (``README.md``: base model, quantization, adapter, zero format, merge report).
         """
-        report = self._fold_all(
-            adapter_names, zero_format, max_rounding_loss, progressbar, calibration, tokenizer, **calibration_options
-        )
-        merged_configs = {name: self.peft_config[name] for name in (adapter_names or self.active_adapters)}
-        model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        if zero_format == "float":
-            store_float_zeros(model, base_quantization(model) or {})
-        else:
-            relabel_integer_merge(model, base_quantization(model) or {})
-            model.qalora_merge_report = report
-        # `save_pretrained` / `push_to_hub` of the merged model write its card (README.md) too
-        attach_merged_card(model, merged_facts(merged_configs, zero_format, report, architecture=type(model).__name__))
-        return model
-
-    def _check_unadapted_layers_readable(self) -> None:
-        """A float merge rewrites every GPTQ layer as a float-zero layer: the unadapted ones must hold GPTQ codes."""
-        problems = unreadable_unadapted_layers(self.model)
-        if problems:
-            raise ValueError(
-                "Cannot merge; nothing was changed. The merged model stores every GPTQ layer with real-valued zero "
-                "points, read from the GPTQ tensors, and these layers (not adapted) no longer hold them:"
-                + _listing(problems)
-                + "\nReload the base model, load the adapter onto it with `PeftModel.from_pretrained`, and merge "
-                "before running inference."
-            )
-
-    def _fold_all(
-        self,
-        adapter_names: Optional[list[str]],
-        zero_format: str,
-        max_rounding_loss: float,
-        progressbar: bool,
-        calibration: Optional[CalibrationData] = None,
-        tokenizer: Any = None,
-        **calibration_options: Any,
-    ) -> Optional[MergeReport]:
-        """Fold every layer first, check the rounding loss, and only then change the model (all or nothing)."""
-        if zero_format not in ZERO_FORMATS:
-            raise ValueError(f"zero_format must be one of {ZERO_FORMATS}, got {zero_format!r}.")
-        if calibration is not None and zero_format != "int":
-            raise ValueError("`calibration` applies to the integer merge: pass zero_format='int' with it.")
-        self._check_merge_allowed()
-        if zero_format == "float":
-            self._check_unadapted_layers_readable()
-        layers = {name: m for name, m in self.model.named_modules() if isinstance(m, QALoraLinear)}
-        if calibration is not None:
-            folds = self.calibrated_folds(
-                layers, adapter_names, calibration, tokenizer, progressbar, **calibration_options
-            )
-            report_type = CalibratedMergeReport
-        else:
-            folds: dict[str, LayerFold] = {}
-            for name, layer in tqdm(layers.items(), disable=not progressbar, desc="Folding adapters into zero points"):
-                names = check_adapters_to_merge(layer, adapter_names)
-                if names:
-                    folds[name] = layer.fold_adapters(names, zero_format, name)
-            report_type = MergeReport
-        report = None
-        if zero_format == "int":
-            report = report_type([layer_fold.rounding for layer_fold in folds.values()])
-            check_rounding(report, max_rounding_loss)
-        for name, layer_fold in folds.items():
-            layers[name].apply_fold(layer_fold)
-        return report
-
-    def calibrated_folds(
-        self,
-        layers: dict[str, QALoraLinear],
-        adapter_names: Optional[list[str]],
-        calibration: CalibrationData,
-        tokenizer: Any = None,
-        progressbar: bool = False,
-        calibration_seq_len: int = DEFAULT_SEQ_LEN,
-        calibration_max_tokens: int = DEFAULT_MAX_TOKENS,
-        calibration_method: str = DEFAULT_METHOD,
-    ) -> dict[str, LayerFold]:
-        """The calibrated integer merge of every layer, computed (the model runs on the data) but not applied."""
-        if calibration_method not in METHODS:
-            raise ValueError(f"calibration_method must be one of {METHODS}, got {calibration_method!r}.")
-        if adapter_names is not None and set(adapter_names) != set(self.active_adapters):
-            raise ValueError(
-                f"A calibrated merge matches the outputs of the model with its active adapters {self.active_adapters}; "
-                f"to merge {adapter_names}, make them the active ones first (`set_adapter`)."
-            )
-        merging = {}
-        for name, layer in layers.items():
-            names = check_adapters_to_merge(layer, adapter_names)
-            if names:
-                merging[name] = (layer, names)
-        if not merging:
-            return {}
-        options = dict(seq_len=calibration_seq_len, max_tokens=calibration_max_tokens, progressbar=progressbar)
-        if calibration_method == "sequential":
-            return sequential_calibrated_folds(self.model, merging, calibration, tokenizer, **options)
-        collector = layer_hessians(
-            self.model,
-            {name: layer for name, (layer, _) in merging.items()},
+        return model_merge.merge_and_unload(
+            self,
+            progressbar,
+            adapter_names,
+            zero_format,
+            max_rounding_loss,
             calibration,
             tokenizer,
-            **options,
+            **calibration_options,
         )
-        folds = {}
-        for name, (layer, names) in tqdm(merging.items(), disable=not progressbar, desc="Calibrated integer merge"):
-            folds[name] = layer.calibrated_fold(names, collector.hessian(name), name, calibration_method)
-        return folds

@@ -1,5 +1,5 @@
 # Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
-"""Model cards (the ``README.md`` beside adapters, merged checkpoints and exports) and uploads to the Hub.
+"""Model cards: the ``README.md`` beside adapters, merged checkpoints and exports.
 
 Every card carries Hub metadata (``library_name``, ``base_model``, ``tags``, ``pipeline_tag``), a ``qalora`` metadata
 block (the base's GPTQ quantization, the adapter's rank and targets, and for merged outputs the zero format and the
@@ -8,42 +8,36 @@ float-zero merge needs ``pip install peft-qalora`` and ``import peft_qalora``; P
 ``KeyError: 'QALORA'``, so the card says so.
 
 Cards are written with ``huggingface_hub.ModelCard`` / ``ModelCardData``. Writing into a folder that already has a
-``README.md`` updates it: the metadata is merged and only the section between the comments is replaced.
-
-``import peft_qalora`` wraps two methods of ``peft.PeftModel`` (:func:`install_peft_hooks`); both do exactly what
-they did before for every model that holds no QALORA adapter:
-
-- ``create_or_update_model_card`` (what ``save_pretrained`` calls) adds the QA-LoRA metadata and section to the card
-  PEFT writes;
-- ``push_to_hub`` saves into a temporary folder and uploads it with ``HfApi().upload_folder``, card included.
-  transformers' implementation, which PEFT inherits, would replace the card with a generic one.
+``README.md`` updates it: the metadata is merged and only the section between the comments is replaced. What a card
+says is gathered in ``card_facts.py``; uploads are in ``hub_upload.py``; how ``save_pretrained`` and ``push_to_hub``
+come to write the card, in ``save_hooks.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
 import re
-import tempfile
-import types
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Optional, Union
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import ModelCard, ModelCardData
 from peft.utils import CONFIG_NAME
 
+from .card_facts import (
+    CARD_NAME,
+    KINDS,
+    METADATA_KEY,
+    CardFacts,
+    adapter_summary,
+    base_card_metadata,
+    merge_summary,
+    pipeline_tag_for,
+)
 from .checkpoint import model_architecture
+from .config import QUANTIZATION_KEYS
 from .peft_type import QALORA
 
-logger = logging.getLogger(__name__)
-
-CARD_NAME = "README.md"
-KINDS = ("adapter", "merged", "gguf", "mlx")
-METADATA_KEY = "qalora"
 TAGS = ("qalora", "gptq")
 PAPER = "https://arxiv.org/abs/2309.14717"
 PROJECT = "https://github.com/peft-qalora/peft-qalora"
@@ -52,8 +46,6 @@ SECTION_END = "<!-- peft-qalora: end -->"
 
 _LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf", "mlx": "mlx"}
 _KIND_TAGS = {"adapter": (), "merged": ("merged",), "gguf": ("gguf",), "mlx": ("mlx",)}
-# Metadata a derived model inherits from its base's card when the base is a local folder.
-_INHERITED = ("license", "license_name", "license_link", "language")
 _QUANTIZATION_LABELS = {
     "quant_method": "method",
     "bits": "bits",
@@ -64,155 +56,6 @@ _QUANTIZATION_LABELS = {
 }
 _PLACEHOLDER_REPO = "PATH_OR_REPO_ID"
 _PLACEHOLDER_BASE = "BASE_MODEL"
-
-
-@dataclass
-class CardFacts:
-    """What a card says, independent of where the files came from.
-
-    Args:
-        kind: ``"adapter"``, ``"merged"``, ``"gguf"`` or ``"mlx"``.
-        base_model: Hub id (or local path) of the GPTQ base model.
-        quantization: The base's GPTQ settings (``bits``, ``group_size``, ``desc_act``, ``sym``,
-            ``checkpoint_format``, ...).
-        adapters: ``{adapter name: summary}`` (see :func:`adapter_summary`).
-        merge: For merged outputs and exports: zero format, storage and (integer zeros) the rounding report.
-        export: Format-specific facts of an export, shown as given (e.g. ``{"format": "Q4_1", "file": "x.gguf"}``).
-        pipeline_tag: Hub pipeline tag (``"text-generation"`` for causal language models).
-        inherited: Metadata taken over from the base's card (license, language).
-    """
-
-    kind: str
-    base_model: Optional[str] = None
-    quantization: Optional[dict] = None
-    adapters: dict[str, dict] = field(default_factory=dict)
-    merge: Optional[dict] = None
-    export: Optional[dict] = None
-    pipeline_tag: Optional[str] = None
-    inherited: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}.")
-        # Plain YAML types only: configs hold str enums (QuantizationMethod) and sets.
-        self.quantization, self.adapters, self.merge, self.export = _plain(
-            [self.quantization, self.adapters, self.merge, self.export]
-        )
-
-    def metadata(self) -> dict:
-        """The ``qalora`` block of the card's YAML metadata."""
-        block: dict[str, Any] = {"kind": self.kind}
-        if self.quantization:
-            block["quantization"] = dict(self.quantization)
-        if self.adapters:
-            block["adapters"] = {name: dict(summary) for name, summary in self.adapters.items()}
-        if self.merge:
-            block["merge"] = dict(self.merge)
-        if self.export:
-            block["export"] = dict(self.export)
-        return block
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON types (str enums become their strings, sets sorted lists)."""
-
-    def default(item: Any) -> Any:
-        return sorted(item) if isinstance(item, (set, frozenset)) else str(item)
-
-    return json.loads(json.dumps(value, default=default))
-
-
-# ------------------------------------------------------------------------------------------------ facts
-
-
-def adapter_summary(config: Any) -> dict:
-    """Rank, alpha and targets of a QA-LoRA adapter config (a ``QALoraConfig`` or its dict)."""
-    values = config if isinstance(config, dict) else config.to_dict()
-    layers = sorted(values.get("base_layers") or {})
-    targets = values.get("target_modules")
-    summary: dict[str, Any] = {"r": values.get("r"), "lora_alpha": values.get("lora_alpha")}
-    if layers:
-        summary["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in layers})
-        summary["layers"] = len(layers)
-    elif isinstance(targets, str):
-        summary["target_modules"] = targets
-    elif targets:
-        summary["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in targets})
-    for key in ("use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save"):
-        if values.get(key):
-            value = values[key]
-            summary[key] = sorted(value) if isinstance(value, (set, list, tuple)) else value
-    return summary
-
-
-def merge_summary(zero_format: str, report: Any = None) -> dict:
-    """The ``merge`` facts of a merged output: zero format, how it is stored, and the rounding report if any."""
-    if zero_format == "float":
-        return {"zero_format": "float", "exact": True, "quant_method": "peft_qalora", "format": "gptq_float_zeros"}
-    if zero_format != "int":
-        raise ValueError(f"zero_format must be 'float' or 'int', got {zero_format!r}.")
-    merge: dict[str, Any] = {"zero_format": "int", "quant_method": "gptq", "format": "gptq_v2"}
-    if report is not None:
-        merge.update(
-            exact=report.lost == 0,
-            kept=round(float(report.kept), 4),
-            max_error_steps=round(float(report.max_error_steps), 4),
-            clamped_zero_points=int(report.clamped_groups),
-            layers=len(report.layers),
-        )
-    return merge
-
-
-def pipeline_tag_for(architecture: Optional[str]) -> Optional[str]:
-    """``"text-generation"`` for a causal language model class name, else ``None``."""
-    return "text-generation" if architecture and architecture.endswith("ForCausalLM") else None
-
-
-def base_card_metadata(base_model: Optional[str]) -> dict:
-    """License and language from the base's ``README.md`` when the base is a local folder (never the network)."""
-    path = os.path.join(base_model, CARD_NAME) if base_model and os.path.isdir(base_model) else None
-    if path is None or not os.path.isfile(path):
-        return {}
-    try:
-        data = ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
-    except Exception as exc:  # a broken base card must not stop a save
-        logger.warning("Could not read the base model's card %s: %s", path, exc)
-        return {}
-    return {key: data[key] for key in _INHERITED if data.get(key)}
-
-
-def merged_facts(
-    configs: dict[str, Any],
-    zero_format: str,
-    report: Any = None,
-    architecture: Optional[str] = None,
-    quantization: Optional[dict] = None,
-) -> CardFacts:
-    """Facts of a merged checkpoint, the same from ``merge_and_unload()`` and ``merge_checkpoint()``.
-
-    Args:
-        configs: ``{adapter name: QALoraConfig or its dict}`` of the merged adapters.
-        zero_format: ``"float"`` or ``"int"``.
-        report: The :class:`~peft_qalora.MergeReport` of an integer merge.
-        architecture: The model class name (``config.architectures[0]``).
-        quantization: The base's GPTQ settings when the adapter did not record them.
-    """
-    first = next(iter(configs.values()))
-    values = first if isinstance(first, dict) else first.to_dict()
-    base_model = values.get("base_model_name_or_path")
-    quantization = values.get("base_quantization") or quantization or {}
-    return CardFacts(
-        kind="merged",
-        base_model=base_model,
-        quantization={key: quantization[key] for key in _QUANTIZATION_LABELS if key in quantization} or None,
-        adapters={name: adapter_summary(config) for name, config in configs.items()},
-        merge=merge_summary(zero_format, report),
-        pipeline_tag=pipeline_tag_for(architecture),
-        inherited=base_card_metadata(base_model),
-    )
-
-
-# ------------------------------------------------------------------------------------------------ writing
 
 
 def _usage(facts: CardFacts, repo_id: Optional[str]) -> list[str]:
@@ -466,7 +309,7 @@ def write_model_card(
         base_quantization.setdefault(
             "checkpoint_format", base_quantization.get("format") or ("gptq" if "bits" in base_quantization else None)
         )
-        base_quantization = {key: base_quantization[key] for key in _QUANTIZATION_LABELS if key in base_quantization}
+        base_quantization = {key: base_quantization[key] for key in QUANTIZATION_KEYS if key in base_quantization}
     base_model = (
         base_model
         or (adapter or {}).get("base_model_name_or_path")
@@ -493,276 +336,3 @@ def write_model_card(
         inherited=inherited,
     )
     return write_card(folder, facts, repo_id=repo_id, tags=tags)
-
-
-# ------------------------------------------------------------------------------------------------ the Hub
-
-
-def facts_from_card(card: ModelCard) -> Optional[CardFacts]:
-    """The facts a QA-LoRA card was written from (its ``qalora`` metadata block), or ``None`` for another card."""
-    block = card.data.get(METADATA_KEY)
-    if not isinstance(block, dict) or block.get("kind") not in KINDS:
-        return None
-    return CardFacts(
-        kind=block["kind"],
-        base_model=card.data.base_model if isinstance(card.data.base_model, str) else None,
-        quantization=block.get("quantization"),
-        adapters=block.get("adapters") or {},
-        merge=block.get("merge"),
-        export=block.get("export"),
-        pipeline_tag=card.data.pipeline_tag,
-    )
-
-
-def _name_repo_in_card(folder: str, repo_id: str, tags: Iterable[str] = ()) -> None:
-    """Let the QA-LoRA card in ``folder`` name ``repo_id`` in its snippets, and add ``tags``."""
-    path = os.path.join(folder, CARD_NAME)
-    if not os.path.isfile(path):
-        return
-    card = ModelCard.load(path, ignore_metadata_errors=True)
-    facts = facts_from_card(card)
-    if facts is not None:
-        update_card(card, facts, repo_id=repo_id)
-    if tags:
-        card.data.tags = sorted({*(card.data.tags or []), *tags})
-    card.save(path)
-
-
-def _upload(api: HfApi, folder: str, repo_id: str, token, revision, create_pr, commit_message, commit_description):
-    if revision is not None and not create_pr and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=os.fspath(folder),
-        commit_message=commit_message,
-        commit_description=commit_description,
-        token=token,
-        revision=revision,
-        create_pr=create_pr,
-    )
-
-
-def push_folder(
-    folder: Union[str, os.PathLike],
-    repo_id: str,
-    *,
-    private: Optional[bool] = None,
-    token: Optional[Union[str, bool]] = None,
-    revision: Optional[str] = None,
-    create_pr: bool = False,
-    commit_message: Optional[str] = None,
-    commit_description: Optional[str] = None,
-):
-    """Upload a written output folder (a merged checkpoint, an export) to ``repo_id``, creating the repository.
-
-    ``HfApi().create_repo(exist_ok=True)``, then ``HfApi().upload_folder`` of the folder as it is, after its QA-LoRA
-    card (if any) has been updated to name ``repo_id`` in its code snippets.
-
-    Returns:
-        The ``CommitInfo`` of the upload.
-    """
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    _name_repo_in_card(os.fspath(folder), repo_id)
-    commit_message = commit_message or "Upload QA-LoRA model"
-    return _upload(api, folder, repo_id, token, revision, create_pr, commit_message, commit_description)
-
-
-def push_file(
-    path: Union[str, os.PathLike],
-    repo_id: str,
-    *,
-    private: Optional[bool] = None,
-    token: Optional[Union[str, bool]] = None,
-    commit_message: Optional[str] = None,
-):
-    """Upload one written file (a GGUF export) to ``repo_id`` under its own name, creating the repository.
-
-    Returns:
-        The ``CommitInfo`` of the upload.
-    """
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    name = os.path.basename(os.fspath(path))
-    return api.upload_file(
-        path_or_fileobj=os.fspath(path),
-        path_in_repo=name,
-        repo_id=repo_id,
-        token=token,
-        commit_message=commit_message or f"Upload {name}",
-    )
-
-
-def _remote_card(repo_id: str, token: Optional[Union[str, bool]]) -> Optional[ModelCard]:
-    try:
-        return ModelCard.load(repo_id, token=token, ignore_metadata_errors=True)
-    except EntryNotFoundError:
-        return None
-
-
-def push_saved(
-    save: Callable[[str], None],
-    repo_id: str,
-    *,
-    commit_message: Optional[str] = None,
-    commit_description: Optional[str] = None,
-    private: Optional[bool] = None,
-    token: Optional[Union[str, bool]] = None,
-    revision: Optional[str] = None,
-    create_pr: bool = False,
-    tags: Optional[Iterable[str]] = None,
-):
-    """``push_to_hub`` of QA-LoRA models: ``save`` (which writes the card) into a temporary folder and upload it.
-
-    A card already in the repository is updated rather than replaced (its text and metadata kept, our section
-    rewritten), as PEFT's ``save_pretrained`` updates a card already in its output folder.
-    """
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as tmp:
-        remote = _remote_card(repo_id, token)
-        if remote is not None:
-            remote.save(os.path.join(tmp, CARD_NAME))
-        save(tmp)
-        _name_repo_in_card(tmp, repo_id, tags or ())
-        return _upload(api, tmp, repo_id, token, revision, create_pr, commit_message, commit_description)
-
-
-# ------------------------------------------------------------------------------------------------ PEFT models
-
-
-def qalora_configs(peft_model: Any) -> dict:
-    """``{adapter name: QALoraConfig}`` of the QALORA adapters of a PEFT model (empty for any other model)."""
-    configs = getattr(peft_model, "peft_config", None)
-    if not isinstance(configs, dict):
-        return {}
-    return {name: config for name, config in configs.items() if getattr(config, "peft_type", None) == QALORA}
-
-
-def adapter_facts(peft_model: Any) -> CardFacts:
-    """Card facts of a PEFT model holding QALORA adapters."""
-    configs = qalora_configs(peft_model)
-    first = configs.get("default") or next(iter(configs.values()))
-    base = peft_model.get_base_model()
-    base_model = first.base_model_name_or_path or getattr(base, "name_or_path", None) or None
-    architecture = type(base).__name__
-    return CardFacts(
-        kind="adapter",
-        base_model=base_model,
-        quantization=first.base_quantization,
-        adapters={name: adapter_summary(config) for name, config in configs.items()},
-        pipeline_tag=pipeline_tag_for(architecture),
-        inherited=base_card_metadata(base_model),
-    )
-
-
-def _hooked(function: Callable) -> bool:
-    return getattr(function, "_peft_qalora_hook", False)
-
-
-def install_peft_hooks() -> None:
-    """Make ``PeftModel.save_pretrained`` and ``push_to_hub`` write the QA-LoRA card for QALORA models.
-
-    Other models go through PEFT's and transformers' code unchanged. A second call installs nothing twice.
-    """
-    from peft import PeftModel
-
-    if not _hooked(PeftModel.create_or_update_model_card):
-        original_card = PeftModel.create_or_update_model_card
-
-        @functools.wraps(original_card)
-        def create_or_update_model_card(self, output_dir: str):
-            if not qalora_configs(self):
-                return original_card(self, output_dir)
-            path = os.path.join(output_dir, CARD_NAME)
-            # PEFT replaces the tags of a card it updates; keep those the card already had.
-            kept = (ModelCard.load(path, ignore_metadata_errors=True).data.tags or []) if os.path.isfile(path) else []
-            original_card(self, output_dir)
-            write_card(output_dir, adapter_facts(self), tags=kept)
-
-        create_or_update_model_card._peft_qalora_hook = True
-        PeftModel.create_or_update_model_card = create_or_update_model_card
-
-    if not _hooked(PeftModel.push_to_hub):
-        original_push = PeftModel.push_to_hub
-
-        @functools.wraps(original_push)
-        def push_to_hub(self, *args, **kwargs):
-            if not qalora_configs(self):
-                return original_push(self, *args, **kwargs)
-            return _push_peft_model(self, *args, **kwargs)
-
-        push_to_hub._peft_qalora_hook = True
-        PeftModel.push_to_hub = push_to_hub
-
-
-def _push_with_card(
-    model: Any,
-    repo_id: str,
-    default_message: str,
-    *,
-    commit_message: Optional[str] = None,
-    commit_description: Optional[str] = None,
-    private: Optional[bool] = None,
-    token: Optional[Union[str, bool]] = None,
-    revision: Optional[str] = None,
-    create_pr: bool = False,
-    max_shard_size: Optional[Union[int, str]] = "50GB",
-    tags: Optional[list[str]] = None,
-):
-    """``push_to_hub`` of a model whose ``save_pretrained`` writes the QA-LoRA card (transformers' arguments)."""
-    return push_saved(
-        lambda folder: model.save_pretrained(folder, max_shard_size=max_shard_size),
-        repo_id,
-        commit_message=commit_message or default_message,
-        commit_description=commit_description,
-        private=private,
-        token=token,
-        revision=revision,
-        create_pr=create_pr,
-        tags=tags,
-    )
-
-
-def _push_peft_model(model: Any, repo_id: str, **kwargs: Any):
-    """``PeftModel.push_to_hub`` for QALORA models (the same arguments as transformers' ``push_to_hub``)."""
-    return _push_with_card(model, repo_id, "Upload QA-LoRA adapter", **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------ merged models
-
-
-def attach_merged_card(model: Any, facts: CardFacts) -> None:
-    """Give a model returned by ``merge_and_unload()`` a card: its ``save_pretrained`` writes ``README.md`` too.
-
-    transformers' ``save_pretrained`` writes no card and its ``push_to_hub`` uploads a generic one, so this merged
-    model (and only it: the methods are set on the instance) saves and pushes with the QA-LoRA card.
-    """
-    model.qalora_card_facts = facts
-    model.save_pretrained = types.MethodType(_merged_save_pretrained, model)
-    model.push_to_hub = types.MethodType(_merged_push_to_hub, model)
-
-
-def _merged_save_pretrained(self, save_directory, *args, **kwargs):
-    push = kwargs.pop("push_to_hub", False)
-    hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    is_main_process = args[0] if args else kwargs.get("is_main_process", True)
-    if is_main_process:
-        write_card(save_directory, self.qalora_card_facts)
-        if push:  # transformers' own push here would replace the card with a generic one
-            repo_id = hub.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
-            push_folder(save_directory, repo_id, token=kwargs.get("token"), **hub)
-    return result
-
-
-_merged_save_pretrained.__name__ = "save_pretrained"  # the name the bound method shows
-
-
-def _merged_push_to_hub(self, repo_id: str, *, tags: Optional[list[str]] = None, **kwargs: Any):
-    """``push_to_hub`` of a merged model: uploads the checkpoint with its QA-LoRA card."""
-    model_tags = list(getattr(self, "model_tags", None) or [])
-    return _push_with_card(self, repo_id, "Upload QA-LoRA merged model", tags=[*model_tags, *(tags or [])], **kwargs)
-
-
-_merged_push_to_hub.__name__ = "push_to_hub"

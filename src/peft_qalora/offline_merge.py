@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .calibrated_merge import DEFAULT_METHOD, CalibratedMergeReport
 from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, CalibrationData, require_tokens
+from .card_facts import merged_facts
 from .checkpoint import (
     NOT_INHERITED_FILES,
     SAFETENSORS_INDEX,
@@ -49,7 +50,7 @@ from .gptq import (
     unpack_qzeros,
 )
 from .merge import DEFAULT_MAX_ROUNDING_LOSS, ZERO_FORMATS, MergeReport, check_rounding, fold, group_delta, round_zeros
-from .model_card import merged_facts, write_card
+from .model_card import write_card
 from .quantizer import QALoraGPTQConfig
 
 logger = logging.getLogger(__name__)
@@ -258,12 +259,13 @@ def _calibration_blocks(base_dir: str, calibration: CalibrationData, seq_len: in
 def _calibrated_solutions(base_dir, adapter_dir, quantization, blocks, zeros, codes, method, progressbar):
     """Run the base with the adapter on the calibration blocks; fill ``zeros``/``codes`` with the packed results.
 
-    The in-memory calibrated merge computes them (``QALoraModel.calibrated_folds``), so both paths agree.
+    The in-memory calibrated merge computes them the same way (``model_merge.calibrated_folds``), so both paths agree.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     from .layer import QALoraLinear
+    from .model_merge import calibrated_folds
 
     bits = int(quantization["bits"])
     # gptq_torch: the GPTQModel kernel that reads its codes and zeros exactly on every CPU (DESIGN.md, "Traps").
@@ -273,7 +275,7 @@ def _calibrated_solutions(base_dir, adapter_dir, quantization, blocks, zeros, co
     model = PeftModel.from_pretrained(base, adapter_dir)
     tuner = model.base_model
     layers = {name: m for name, m in tuner.model.named_modules() if isinstance(m, QALoraLinear)}
-    folds = tuner.calibrated_folds(layers, None, blocks, progressbar=progressbar, calibration_method=method)
+    folds = calibrated_folds(tuner, layers, None, blocks, progressbar=progressbar, calibration_method=method)
     for name, layer_fold in folds.items():
         zeros[name] = pack_qzeros(layer_fold.zeros, bits, "gptq_v2")
         codes[name] = pack_qweight(layer_fold.codes, bits)

@@ -60,63 +60,104 @@ if _HAS_TRITON:
         qweight_ptr,
         scales_ptr,
         zeros_ptr,
-        out_ptr,
+        out_ptr,  # (rows, N) in the activation dtype, or (split_k, rows, N) fp32 partial sums
         M,
         N,
         K,
         group_size,
+        split_k,
         stride_xm,
-        stride_om,
         BITS: tl.constexpr,
-        BLOCK_M: tl.constexpr,
+        CODE_BITS: tl.constexpr,  # != 0: a code becomes the 16-bit float CODE_OFFSET + q by bit pattern
+        CODE_OFFSET: tl.constexpr,
+        FOLD_OFFSET: tl.constexpr,  # take CODE_OFFSET out once per group (bf16) instead of per code (fp16)
+        BLOCK_M: tl.constexpr,  # 1: fp32 multiply-adds for one row instead of a padded tensor-core tile
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # divides the group size: a K block never spans two groups
         STEPS: tl.constexpr,  # K blocks per loop iteration (more loads in flight)
-        SPLIT_K: tl.constexpr,  # > 1: programs share the K range and add fp32 partial sums atomically
+        ROW_SUM_EACH_BLOCK: tl.constexpr,  # one row: reduce every K block instead of once at the end
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
         per_word: tl.constexpr = 32 // BITS
+        words_per_block: tl.constexpr = BLOCK_K // per_word
         maxq: tl.constexpr = (1 << BITS) - 1
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = tl.arange(0, words_per_block)
+        # Each word is loaded once and unpacked with shifts: code j of word w is input channel per_word * w + j.
+        shifts = tl.arange(0, per_word) * BITS
+        channel = offs_w[:, None] * per_word + tl.arange(0, per_word)[None, :]  # (words, per_word), from the block
         mask_m = offs_m < M
         mask_n = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_words = K // per_word
+        if BLOCK_M == 1:
+            acc3 = tl.zeros((words_per_block, per_word, BLOCK_N), dtype=tl.float32)
+            acc_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         chunk: tl.constexpr = BLOCK_K * STEPS
-        for k0 in range(pid_k * chunk, K, SPLIT_K * chunk):
+        for k0 in range(pid_k * chunk, K, split_k * chunk):
             for step in tl.static_range(STEPS):
                 start = k0 + step * BLOCK_K
-                offs_k = start + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K  # the tail of a last, shorter group (and of the last chunk)
-                x = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0,
-                )
+                word_rows = start // per_word + offs_w
                 words = tl.load(
-                    qweight_ptr + (offs_k[:, None] // per_word) * N + offs_n[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :],
+                    qweight_ptr + word_rows[:, None] * N + offs_n[None, :],
+                    mask=(word_rows[:, None] < k_words) & mask_n[None, :],
                     other=0,
+                    eviction_policy="evict_first",  # each code is read once: leave the cache to x
                 )
-                codes = (words >> ((offs_k[:, None] % per_word) * BITS)) & maxq
-                if BLOCK_M == 1:  # one row: a broadcast multiply-add, no padded tensor-core tile
-                    part = tl.sum(x.to(tl.float32)[:, :, None] * codes.to(tl.float32)[None, :, :], axis=1)
-                else:  # integer codes are exact in bf16/fp16; products are exact in the fp32 accumulator
-                    part = tl.dot(x, codes.to(x.dtype))
-                x_sum = tl.sum(x.to(tl.float32), axis=1)
+                codes = (words[:, None, :] >> shifts[None, :, None]) & maxq  # (words, per_word, BLOCK_N)
                 group = start // group_size
                 live = mask_n & (start < K)
                 scale = tl.load(scales_ptr + group * N + offs_n, mask=live, other=0.0).to(tl.float32)
                 zero = tl.load(zeros_ptr + group * N + offs_n, mask=live, other=0.0)
-                acc += scale[None, :] * (part - x_sum[:, None] * zero[None, :])
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+                if BLOCK_M == 1:
+                    k3 = start + channel
+                    x3 = tl.load(x_ptr + pid_m * stride_xm + k3, mask=k3 < K, other=0.0).to(tl.float32)
+                    # a code's exact fp32 value: its bits in the mantissa of 2**23, minus 2**23 (no int->float cvt)
+                    value = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    x_sum = tl.sum(tl.sum(x3, axis=1), axis=0)
+                    if ROW_SUM_EACH_BLOCK:
+                        part = tl.sum(tl.sum(x3[:, :, None] * value, axis=1), axis=0)
+                        acc_row += scale * (part - x_sum * zero)
+                    else:  # multiply-adds only; the sum across threads happens once
+                        acc3 += x3[:, :, None] * (value * scale[None, None, :])
+                        acc_row -= scale * zero * x_sum
+                else:
+                    offs_k = start + tl.arange(0, BLOCK_K)
+                    x = tl.load(
+                        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k[None, :] < K),
+                        other=0.0,
+                    )
+                    if CODE_BITS != 0:  # (q | CODE_BITS) read as a 16-bit float is CODE_OFFSET + q, exactly
+                        values = (codes | CODE_BITS).to(tl.int16).to(x.dtype, bitcast=True)
+                        if not FOLD_OFFSET:
+                            values = values - CODE_OFFSET  # exact: q is representable
+                    else:
+                        values = codes.to(x.dtype)
+                    # integer codes are exact in bf16/fp16 and their products with x exact in fp32
+                    part = tl.dot(x, tl.reshape(values, (BLOCK_K, BLOCK_N)))
+                    x_sum = tl.sum(x.to(tl.float32), axis=1)
+                    if CODE_BITS != 0 and FOLD_OFFSET:
+                        part -= x_sum[:, None] * CODE_OFFSET
+                    acc += scale[None, :] * (part - x_sum[:, None] * zero[None, :])
+        if BLOCK_M == 1:
+            acc = (tl.sum(tl.sum(acc3, axis=1), axis=0) + acc_row)[None, :]
+        out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _sum_splits_kernel(partial_ptr, out_ptr, total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """``out = sum(partial[s] for s in range(SPLIT_K))`` in fp32, rounded once: fixed order, reproducible."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT_K):
+            acc += tl.load(partial_ptr + s * total + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_k(group_size: int) -> int:
@@ -129,30 +170,57 @@ def _block_k(group_size: int) -> int:
     return 0
 
 
-@functools.lru_cache(maxsize=256)
-def _pick_config(rows: int, in_features: int, out_features: int, block_k: int) -> dict:
-    """Tile, warps and split for ``rows`` x ``in_features`` @ ``in_features`` x ``out_features``.
+def _code_format(dtype: torch.dtype, bits: int) -> tuple[int, float, bool]:
+    """(bit pattern, offset, fold) that turn a code into a 16-bit float with bit operations instead of a convert.
 
-    Chosen from the sweep in ``benchmarks/gpu.py --phases tiles`` on an H200 (benchmarks/results/): enough programs
-    to cover every multiprocessor several times, and several K blocks per program in flight.
+    ``q | 0x4300`` read as bf16 is ``128 + q`` for ``q < 128`` (bf16 has 8 significant bits); ``q | 0x6400`` read as
+    fp16 is ``1024 + q`` for ``q < 1024``. For bf16 the offset comes out once per group (``x_sum * 128``: fp32
+    rounding of ~2e-5 relative to the group's sum, beside bf16's 4e-3 output rounding); for fp16 a fold would cost
+    ~2e-4, half of fp16's own rounding, so the offset is subtracted per code (exact). 8-bit codes in bf16 convert.
     """
-    if rows == 1:
-        block_m, block_n, warps = 1, 64, 4
-    elif rows <= 16:
-        block_m, block_n, warps = 16, 64, 4
-    elif rows <= 32:
-        block_m, block_n, warps = 32, 64, 4
+    if dtype == torch.bfloat16:
+        return (0x4300, 128.0, True) if bits <= 4 else (0, 0.0, False)
+    return 0x6400, 1024.0, False
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count if torch.cuda.is_available() else 132
+
+
+@functools.lru_cache(maxsize=256)
+def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, processors: int = 132) -> dict:
+    """Tile, warps and split for ``rows`` (1, 16, 32 or 64: a bucket) x ``in_features`` @ ``out_features``.
+
+    From the sweeps of ``benchmarks/gpu.py --phases tiles`` on an H200 (benchmarks/results/gpu.md, issue 14): one row
+    runs fp32 multiply-adds 256 columns wide, summed per K block; up to 16 rows a 16x256 tensor-core tile; more a
+    64x64 tile (faster at 32 rows than a 32-row tile). Programs share K (``SPLIT_K``, at most 16) until there are
+    about 2 per multiprocessor.
+    """
+    if rows <= 16:
+        block_m, block_n = (1 if rows == 1 else 16), 256
     else:
-        block_m, block_n, warps = 64, 64, 4
-    steps = max(1, 256 // block_k)
+        block_m, block_n = 64, 64
+    block_n = min(block_n, max(16, triton.next_power_of_2(out_features)))
+    steps = max(1, 128 // block_k)  # 128 channels per iteration for smaller groups too
     tiles = triton.cdiv(out_features, block_n) * triton.cdiv(rows, block_m)
-    split_k = 1
     chunks = triton.cdiv(in_features, block_k * steps)
-    while tiles * split_k < 4 * 132 and split_k * 2 <= chunks // 4:
+    split_k = 1
+    target = 2 * processors
+    while split_k < 16 and split_k * 2 <= chunks and abs(tiles * split_k * 2 - target) <= abs(tiles * split_k - target):
         split_k *= 2
-    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "STEPS": steps, "SPLIT_K": split_k}
+    # every constexpr passed explicitly: Inductor's wrapper of a user kernel misreads omitted defaults (static-cache
+    # generate at batch 16 failed with "launcher() missing ... '_grid_2'", benchmarks/results/gpu.md)
+    config = {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "STEPS": steps,
+        "SPLIT_K": split_k,
+        "ROW_SUM_EACH_BLOCK": rows == 1,
+    }
     if not _INTERPRET:  # the interpreter knows no warps or stages
-        config.update(num_warps=warps, num_stages=3)
+        config.update(num_warps=4, num_stages=3)
     return config
 
 
@@ -170,17 +238,25 @@ def _launch(
     rows, in_features = x.shape
     block_k = _block_k(group_size)
     if config is None:  # cached per shape: this runs once per layer call while decoding
-        config = _pick_config(rows, in_features, out_features, block_k)
-    else:  # a caller's tile (benchmarks): K blocks may never span two groups
-        config = dict(config, BLOCK_K=min(config.get("BLOCK_K", block_k), block_k))
+        # the tile depends on the rows through their bucket only: under torch.compile ``rows`` may be symbolic, and
+        # these comparisons become guards (one graph per bucket), where hashing it would fail
+        bucket = 1 if rows == 1 else 16 if rows <= 16 else 32 if rows <= 32 else 64
+        config = _pick_config(bucket, in_features, out_features, block_k, _multiprocessors(x.device.index or 0))
+    else:  # a caller's tile (benchmarks, tests): K blocks may never span two groups
+        config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, **config}
+        config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
         if _INTERPRET:
             config.pop("num_warps", None)
             config.pop("num_stages", None)
-    split_k = config["SPLIT_K"]
+    config = dict(config)
+    split_k = config.pop("SPLIT_K")
+    code_bits, code_offset, fold = _code_format(x.dtype, bits)
+    code_bits = config.pop("CODE_BITS", code_bits)  # a benchmark may ask for converted codes (0)
+    code_offset, fold = config.pop("CODE_OFFSET", code_offset), config.pop("FOLD_OFFSET", fold)
     if split_k == 1:
         out = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
     else:
-        out = torch.zeros((rows, out_features), device=x.device, dtype=torch.float32)
+        out = torch.empty((split_k, rows, out_features), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(out_features, config["BLOCK_N"]), triton.cdiv(rows, config["BLOCK_M"]), split_k)
     wrap(_float_zero_mm_kernel)[grid](
         x,
@@ -192,12 +268,21 @@ def _launch(
         out_features,
         in_features,
         group_size,
+        split_k,
         x.stride(0),
-        out.stride(0),
         BITS=bits,
+        CODE_BITS=code_bits,
+        CODE_OFFSET=code_offset,
+        FOLD_OFFSET=fold,
         **config,
     )
-    return out if split_k == 1 else out.to(x.dtype)
+    if split_k == 1:
+        return out
+    total = rows * out_features
+    result = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
+    block = 1024
+    wrap(_sum_splits_kernel)[(triton.cdiv(total, block),)](out, result, total, SPLIT_K=split_k, BLOCK=block)
+    return result
 
 
 if _HAS_TRITON:
@@ -225,19 +310,38 @@ def fused_supported(layer: nn.Module, x: torch.Tensor, max_rows: int | None = -1
         and (limit is None or rows <= limit)
         and (x.is_cuda or _INTERPRET)
         and x.dtype in (torch.float16, torch.bfloat16)
-        and layer.bits in (2, 4, 8)
         and layer.qweight.device == x.device
+        and _layout_group_size(layer) > 0
+    )
+
+
+def _layout_group_size(layer: nn.Module) -> int:
+    """The layer's group size where the kernel covers its tensors' layout, else 0.
+
+    Cached in the layer's ``_kernel_cache`` (``FloatZeroGPTQLinear`` empties it when its tensors change or move):
+    decoding asks once per layer per token, and these checks cost more than the launch.
+    """
+    cache = getattr(layer, "_kernel_cache", None)
+    if cache is not None and "fused_group_size" in cache:
+        return cache["fused_group_size"]
+    group_size = _group_size(layer)
+    covered = (
+        layer.bits in (2, 4, 8)
         and layer.qweight.dtype == torch.int32
         and layer.qweight.is_contiguous()
         and layer.scales.is_contiguous()
         and layer.zeros.dtype == torch.float32
         and layer.zeros.is_contiguous()
         and layer.in_features % (32 // layer.bits) == 0
-        and _block_k(_group_size(layer)) > 0
-        and layer.scales.shape[0] == -(-layer.in_features // _group_size(layer))
+        and _block_k(group_size) > 0
+        and layer.scales.shape[0] == -(-layer.in_features // group_size)
         and layer._group_order() is None
         and _regular_groups(layer)
     )
+    value = group_size if covered else 0
+    if cache is not None:
+        cache["fused_group_size"] = value
+    return value
 
 
 def _regular_groups(layer: nn.Module) -> bool:
@@ -264,7 +368,7 @@ def float_zero_gemm(
     flat = x.reshape(-1, layer.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    args = (flat, layer.qweight, layer.scales, layer.zeros, layer.bits, _group_size(layer))
+    args = (flat, layer.qweight, layer.scales, layer.zeros, layer.bits, _layout_group_size(layer))
     if config is None and torch.compiler.is_compiling():
         out = torch.ops.peft_qalora.float_zero_mm(*args)
     else:  # eager: launch directly, without the dispatcher's overhead per call
