@@ -6,7 +6,11 @@ layer from random weights, a calibration Hessian ``H = X^T X`` from correlated r
 outlier channels, and a group-constant adapter change ``D`` whose size relative to the scales follows what a trained
 adapter has (|D/s| median about 0.003 with a heavy tail, benchmarks/quality.py's 4-bit adapter), and times
 :func:`peft_qalora.calibrated_merge.solve_layer` for each method, plus the Hessian accumulation per 1,000 tokens
-(``X^T X``, what the forward hooks add). Prints a markdown table::
+(``X^T X``, what the forward hooks add). ``sequential`` solves on the sequential calibration's objective (merged
+inputs ``X_m``: the synthetic inputs plus a small upstream error) and also times, per 1,000 tokens, the statistics
+it gathers for a layer: ``X_m^T X_m``, the residual ``y_a - X_m W^T`` and ``b = residual^T X_m``, and the dense
+passes of the two streams over the layer (about five ``X W^T`` per token: see docs/design.md). Prints a markdown
+table::
 
     python benchmarks/calibrated_merge.py --threads 2 --table benchmarks/results/calibrated_merge_cpu.md
 """
@@ -23,6 +27,11 @@ import torch
 from peft_qalora.calibrated_merge import METHODS, solve_layer
 from peft_qalora.testing import quantize_rtn
 
+# Dense passes of the two streams over one layer per calibration token in the sequential calibration, besides the
+# residual and b: a Llama block's stages [q k v] [o] [gate up] [down] run q/k/v 8 times, o 6, gate/up 4, down 2
+# (adapter passes up to each stage, merged passes up to each stage's input, the merged pass to the block's end);
+# weighted by size at Llama-2-7B shapes that is about 4.7 per layer.
+STREAM_PASSES = 5
 SHAPES = {"q/k/v/o_proj": (4096, 4096), "gate/up_proj": (4096, 11008), "down_proj": (11008, 4096)}
 
 
@@ -42,6 +51,30 @@ def layer_problem(in_features: int, out_features: int, group_size: int, bits: in
         * torch.distributions.StudentT(2.0).sample(layer.scales.shape).abs().clamp(max=60)
     )
     return layer, g_idx, ratio * layer.scales.float(), hessian, x
+
+
+def sequential_objective(layer, g_idx, delta, x):
+    """The sequential calibration's objective for the synthetic layer, and its cost per 1,000 tokens."""
+    generator = torch.Generator().manual_seed(1)
+    weight = layer.dequantize()
+    adapted = weight + delta[g_idx.long()].t()
+    x_merged = x + 0.01 * x.std() * torch.randn(x.shape, generator=generator)  # what earlier layers missed
+    chunk, chunk_merged = x[:1000], x_merged[:1000]
+    start = time.perf_counter()
+    _ = chunk_merged.t() @ chunk_merged
+    residual = chunk @ adapted.t() - chunk_merged @ weight.t()
+    _ = residual.t() @ chunk_merged
+    for _ in range(STREAM_PASSES):
+        _ = chunk @ adapted.t()
+    seconds = time.perf_counter() - start
+    residual = x @ adapted.t() - x_merged @ weight.t()
+    tokens = x.shape[0]
+    options = {
+        "hessian": x_merged.t() @ x_merged / tokens,
+        "linear": residual.t().matmul(x_merged).div_(tokens),
+        "start_energy": residual.square().sum(0, dtype=torch.float64) / tokens,
+    }
+    return options, seconds
 
 
 def main() -> None:
@@ -70,10 +103,23 @@ def main() -> None:
         hessian_seconds = time.perf_counter() - start
         for method in args.methods:
             times = []
+            options = {}
+            if method == "sequential":
+                options, statistics_seconds = sequential_objective(layer, g_idx, delta, x)
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 solution = solve_layer(
-                    label, layer.codes, layer.zeros, layer.scales, g_idx, delta, hessian, 4, 0, method
+                    label,
+                    layer.codes,
+                    layer.zeros,
+                    layer.scales,
+                    g_idx,
+                    delta,
+                    options.pop("hessian", hessian),
+                    4,
+                    0,
+                    "greedy" if method == "sequential" else method,
+                    **options,
                 )
                 times.append(time.perf_counter() - start)
             report = solution.report
@@ -82,6 +128,12 @@ def main() -> None:
                 f"{report.kept:.1%} | {report.codes_changed:,} | {report.zeros_changed:,} |"
             )
             print(lines[-1], flush=True)
+            if method == "sequential":
+                lines.append(
+                    f"| {label} ({in_features}x{out_features}) | sequential statistics and stream passes per 1,000 "
+                    f"tokens | {statistics_seconds:.2f} | | | |"
+                )
+                print(lines[-1], flush=True)
         lines.append(
             f"| {label} ({in_features}x{out_features}) | X^T X per 1,000 tokens | {hessian_seconds:.2f} | | | |"
         )

@@ -14,8 +14,8 @@ never saw. Rows, per GPTQ bit width (``--bits``, default 4 3 2; group size 32, n
   with ``max_rounding_loss=1.0``), reloaded as a stock GPTQ checkpoint; the note gives its merge report;
 * ``qalora-int-calibrated``: the calibrated integer merge (``merge_checkpoint(..., zero_format="int",
   calibration=...)``, forced with ``max_rounding_loss=1.0``) on the GPTQ calibration sequences of the training text,
-  reloaded as a stock GPTQ checkpoint; the note gives its merge report (share of the adapter's effect on the
-  calibration inputs' layer outputs kept, codes and zero points changed) and its wall time;
+  reloaded as a stock GPTQ checkpoint, one row per ``--calibration-method``; the note gives its merge report (what
+  the calibration inputs' layer outputs keep, codes and zero points changed) and its wall time;
 * ``qalora-gguf``: exported to GGUF Q4_1 (``export_gguf``), dequantized by gguf-py through transformers;
 * ``qalora-mlx``: exported to MLX (``export_mlx``), dequantized with ``mx.dequantize`` into the fp32 model;
 * ``peft-qalora`` (4-bit only): PEFT's built-in ``LoraConfig(use_qalora=True)``, unmerged (PEFT cannot merge
@@ -132,9 +132,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--calibration-method",
+        nargs="+",
         choices=METHODS,
-        default=DEFAULT_METHOD,
-        help="how the calibrated integer merge picks codes and zeros (%(default)s)",
+        default=[DEFAULT_METHOD],
+        help="how the calibrated integer merge picks codes and zeros; one row each (%(default)s)",
     )
     parser.add_argument("--steps", type=example.positive_int, default=20, help="optimizer steps per run (%(default)s)")
     parser.add_argument("--batch-size", type=example.positive_int, default=2, help="sequences per step (%(default)s)")
@@ -376,7 +377,8 @@ def run_qalora(bits: int, base_dir: Path, setup: Setup, args: argparse.Namespace
     if "qalora-int" in wanted:
         results.add(qalora_int_row(bits, base_dir, adapter_dir, setup, args))
     if "qalora-int-calibrated" in wanted:
-        results.add(qalora_int_calibrated_row(bits, base_dir, adapter_dir, setup, args))
+        for method in args.calibration_method:
+            results.add(qalora_int_calibrated_row(bits, base_dir, adapter_dir, setup, args, method))
     if "qalora-gguf" in wanted:
         results.add(qalora_gguf_row(bits, base_dir, adapter_dir, setup, args))
     if "qalora-mlx" in wanted:
@@ -453,10 +455,10 @@ def qalora_int_row(bits: int, base_dir: Path, adapter_dir: Path, setup: Setup, a
 
 
 def qalora_int_calibrated_row(
-    bits: int, base_dir: Path, adapter_dir: Path, setup: Setup, args: argparse.Namespace
+    bits: int, base_dir: Path, adapter_dir: Path, setup: Setup, args: argparse.Namespace, method: str
 ) -> Row:
-    label = "QA-LoRA merged, calibrated integer codes and zeros (stock GPTQ)"
-    out = setup.folder(bits, "qalora-merged-int-calibrated")
+    label = f"QA-LoRA merged, calibrated integer codes and zeros (stock GPTQ), {method}"
+    out = setup.folder(bits, f"qalora-merged-int-calibrated-{method}")
     start = time.perf_counter()
     # Forced (max_rounding_loss=1.0) to measure what it keeps; the default refuses a merge that loses over 5%.
     report = peft_qalora.merge_checkpoint(
@@ -466,7 +468,7 @@ def qalora_int_calibrated_row(
         zero_format="int",
         max_rounding_loss=1.0,
         calibration=list(setup.calibration),
-        calibration_method=args.calibration_method,
+        calibration_method=method,
         progressbar=False,
     )
     seconds = time.perf_counter() - start
@@ -474,11 +476,16 @@ def qalora_int_calibrated_row(
     ppl = score(model, setup, args, f"{bits}-bit QA-LoRA merged, calibrated integer")
     del model
     free()
+    what = (
+        "of the layer-output error the base codes leave on the merged model's inputs (sequential)"
+        if method == "sequential"
+        else "of the adapter's effect on the layer outputs"
+    )
     note = (
-        f"merge report: kept {report.kept:.1%} of the adapter's effect on the layer outputs of "
+        f"merge report: kept {report.kept:.1%} {what}, on "
         f"{sum(b.numel() for b in setup.calibration):,} calibration tokens, {report.codes_changed:,} codes "
         f"({report.codes_changed / report.codes_total:.2%}) and {report.zeros_changed:,} zero points changed, "
-        f"method {args.calibration_method}, {seconds:.0f} s"
+        f"{seconds:.0f} s (model load, calibration, solve, write)"
     )
     return Row(bits, "qalora-int-calibrated", label, ppl, note, trained="qalora")
 

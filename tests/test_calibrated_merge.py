@@ -5,6 +5,7 @@ wrote, the adapter's delta expanded per channel (tests/reference.py), the layer 
 and the merged checkpoint's own tensors unpacked.
 """
 
+import copy
 import json
 
 import pytest
@@ -20,6 +21,7 @@ from peft_qalora.calibrated_merge import solve_layer
 from peft_qalora.calibration import CalibrationError, calibration_blocks
 from peft_qalora.cli import main as cli_main
 from peft_qalora.gptq import unpack_qweight, unpack_qzeros
+from peft_qalora.sequential_calibration import outside_blocks, repeated_blocks, sequential_calibrated_folds
 from peft_qalora.testing import byte_level_tokenizer, quantize_rtn
 
 CALIBRATION = torch.randint(3, 259, (4, 192), generator=torch.Generator().manual_seed(7))  # 768 tokens >= 2 x 256
@@ -58,9 +60,37 @@ def captured_inputs(model, names, ids):
     return {name: torch.cat(chunks) for name, chunks in inputs.items()}
 
 
+def captured_outputs(model, names, ids):
+    """Every named layer's outputs (tokens x out, fp64) when ``model`` runs on ``ids``."""
+    outputs = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: outputs[name].append(out.reshape(-1, out.shape[-1]).double())
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        for row in ids:
+            model(row[None])
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(chunks) for name, chunks in outputs.items()}
+
+
+def dense_merged_model(synthetic, tensors):
+    """The dense fp32 model computing a merged checkpoint's integer codes and zeros (read from ``tensors``)."""
+    dense = synthetic.dense_model()
+    for name, written in synthetic.layers.items():
+        weight = dense_weights(
+            tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], written.scales, written.g_idx, 4, "gptq_v2"
+        )
+        dense.get_submodule(name).weight.data = weight.float()
+    return dense
+
+
 @pytest.fixture(scope="module")
 def merged_v1(tmp_path_factory):
-    """A 4-bit act-order asymmetric v1 base, its adapter, and the in-memory calibrated merge (saved too)."""
+    """A 4-bit act-order asymmetric v1 base, its adapter, and the in-memory sequential calibrated merge (saved)."""
     from peft_qalora.testing import write_gptq_checkpoint
 
     root = tmp_path_factory.mktemp("calibrated")
@@ -70,7 +100,9 @@ def merged_v1(tmp_path_factory):
     reference, replaced = reference_model(synthetic, model)
     inputs = captured_inputs(reference, list(synthetic.layers), CALIBRATION)
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(3))
-    merged = model.merge_and_unload(zero_format="int", calibration=CALIBRATION, max_rounding_loss=1.0)
+    merged = model.merge_and_unload(
+        zero_format="int", calibration=CALIBRATION, max_rounding_loss=1.0, calibration_method="sequential"
+    )
     with torch.no_grad():
         logits = merged(ids).logits
     merged.save_pretrained(root / "merged")
@@ -81,20 +113,80 @@ def merged_v1(tmp_path_factory):
         merged=merged,
         report=merged.qalora_merge_report,
         reference=replaced,
+        reference_model=reference,
         inputs=inputs,
         ids=ids,
         logits=logits,
     )
 
 
-def test_report_matches_the_layer_outputs_of_an_independent_reference(merged_v1):
+@pytest.fixture(scope="module")
+def greedy_v1(merged_v1):
+    """The default one-shot greedy calibrated merge (every layer on the adapter model's inputs), same base and adapter."""
+    model = adapter_model(merged_v1["synthetic"])
+    merged = model.merge_and_unload(zero_format="int", calibration=CALIBRATION, max_rounding_loss=1.0)
+    merged.save_pretrained(merged_v1["root"] / "merged-greedy")
+    return dict(merged_v1, report=merged.qalora_merge_report, folder=merged_v1["root"] / "merged-greedy")
+
+
+def test_sequential_report_matches_an_independent_layer_by_layer_reference(merged_v1):
+    """Sequential: each layer's error on the merged model's own inputs against the adapter model's outputs.
+
+    The reference runs the dense merged model (built from the checkpoint's codes and zeros) and the dense adapter
+    model in fp64 and compares every layer there: no row may be worse than its base codes, and the report's kept
+    share is ``1 - sqrt(error / base error)``.
+    """
     synthetic, report = merged_v1["synthetic"], merged_v1["report"]
+    tensors = load_file(merged_v1["root"] / "merged" / "model.safetensors")
+    names = list(synthetic.layers)
+    merged_dense = dense_merged_model(synthetic, tensors).double()
+    merged_inputs = captured_inputs(merged_dense, names, CALIBRATION)
+    adapter_outputs = captured_outputs(copy.deepcopy(merged_v1["reference_model"]).double(), names, CALIBRATION)
+    by_name = {layer.name: layer for layer in report.layers}
+    base_total = error_total = 0.0
+    for name, written in synthetic.layers.items():
+        x, wanted = merged_inputs[name], adapter_outputs[name]
+        new = dense_weights(
+            tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], written.scales, written.g_idx, 4, "gptq_v2"
+        )
+        base_error = ((x @ written.dequantize().double().t() - wanted) ** 2).sum(0)
+        error = ((x @ new.t() - wanted) ** 2).sum(0)
+        assert bool((error <= base_error * (1 + 1e-4) + 1e-9).all()), f"{name}: a row got worse than its base codes"
+        layer = by_name[name]
+        assert layer.sequential
+        assert layer.kept == pytest.approx(1 - (error.sum() / base_error.sum()).sqrt().item(), abs=2e-3), name
+        base_total += base_error.sum().item()
+        error_total += error.sum().item()
+    assert report.kept == pytest.approx(1 - (error_total / base_total) ** 0.5, abs=2e-3)
+    assert report.kept > 0.2 and report.codes_changed > 0
+    assert "sequential" in report.summary()
+
+
+def test_sequential_merge_is_closer_to_the_adapter_model_than_one_shot(merged_v1, greedy_v1):
+    """What the sequential calibration is for: the merged model's outputs, not each layer alone, match the adapter's.
+
+    Measured on the calibration data: the tiny model's layers see 3 calibration tokens per input, too few for either
+    merge to carry over to other text.
+    """
+    ids = CALIBRATION
+    with torch.no_grad():
+        wanted = merged_v1["reference_model"](ids).logits
+        errors = {}
+        for key, folder in (("sequential", merged_v1["root"] / "merged"), ("greedy", greedy_v1["folder"])):
+            tensors = load_file(folder / "model.safetensors")
+            errors[key] = (dense_merged_model(merged_v1["synthetic"], tensors)(ids).logits - wanted).norm().item()
+        base = (merged_v1["synthetic"].dense_model()(ids).logits - wanted).norm().item()
+    assert errors["sequential"] < errors["greedy"] < base, errors
+
+
+def test_report_matches_the_layer_outputs_of_an_independent_reference(greedy_v1):
+    synthetic, report = greedy_v1["synthetic"], greedy_v1["report"]
     effect_total = error_total = 0.0
     by_name = {layer.name: layer for layer in report.layers}
-    tensors = load_file(merged_v1["root"] / "merged" / "model.safetensors")
+    tensors = load_file(greedy_v1["folder"] / "model.safetensors")
     for name, written in synthetic.layers.items():
-        x = merged_v1["inputs"][name]
-        adapted = merged_v1["reference"][name]
+        x = greedy_v1["inputs"][name]
+        adapted = greedy_v1["reference"][name]
         with torch.no_grad():
             delta = (adapted.scaling * (adapted.B @ adapted.A)[:, adapted.g_idx] / 32).double()
         new = dense_weights(
@@ -174,6 +266,7 @@ def test_offline_merge_and_cli_write_the_in_memory_result(merged_v1, tmp_path):
         zero_format="int",
         max_rounding_loss=1.0,
         calibration=ids_file,
+        calibration_method="sequential",
         progressbar=False,
     )
     assert report.kept == pytest.approx(merged_v1["report"].kept, abs=1e-6)
@@ -195,6 +288,8 @@ def test_offline_merge_and_cli_write_the_in_memory_result(merged_v1, tmp_path):
             str(ids_file),
             "--max-rounding-loss",
             "1",
+            "--calibration-method",
+            "sequential",
             "-q",
         ]
     )
@@ -293,6 +388,71 @@ def test_solve_layer_on_partial_act_order_groups(method):
     assert bool((error <= effect * (1 + 1e-4)).all())
     assert solution.report.kept == pytest.approx(1 - (error.sum() / effect.sum()).sqrt().item(), abs=1e-3)
     assert solution.report.kept > 0.2
+
+
+@pytest.mark.parametrize("method", ["greedy", "codes", "zeros", "both"])
+def test_solve_layer_with_a_linear_term_minimises_the_error_against_other_inputs(method):
+    """``linear``/``start_energy``: the objective ``||X_m W'^T - X_a (W + dW)^T||^2``, inputs differing."""
+    generator = torch.Generator().manual_seed(1)
+    in_features, out_features, bits = 64, 16, 4
+    g_idx = (torch.arange(in_features) // 16).int()
+    layer = quantize_rtn(torch.randn(out_features, in_features, generator=generator), bits, g_idx, sym=False)
+    x_adapter = torch.randn(400, 6, generator=generator) @ torch.randn(6, in_features, generator=generator)
+    x_adapter += 0.3 * torch.randn(400, in_features, generator=generator)
+    x_merged = x_adapter + 0.05 * torch.randn(400, in_features, generator=generator)  # upstream error
+    delta = 0.3 * layer.scales.float() * torch.randn(layer.scales.shape, generator=generator)
+    g = g_idx.long()
+    base = layer.dequantize().double()
+    wanted = x_adapter.double() @ (base + delta.double()[g].t()).t()  # the adapter model's output
+    residual = wanted - x_merged.double() @ base.t()
+    linear = (residual.t() @ x_merged.double()).float()
+    solution = solve_layer(
+        "l",
+        layer.codes,
+        layer.zeros,
+        layer.scales,
+        g_idx,
+        delta,
+        x_merged.t() @ x_merged,
+        bits,
+        0,
+        method,
+        linear=linear,
+        start_energy=(residual**2).sum(0),
+    )
+    new = (layer.scales.double()[g] * (solution.codes - solution.zeros[g]).double()).t()
+    error = ((x_merged.double() @ new.t() - wanted) ** 2).sum(0)
+    base_error = (residual**2).sum(0)
+    assert bool((error <= base_error * (1 + 1e-4)).all())
+    assert solution.report.sequential
+    assert solution.report.kept == pytest.approx(1 - (error.sum() / base_error.sum()).sqrt().item(), abs=1e-3)
+    assert solution.report.kept > 0.2
+    with pytest.raises(ValueError, match="give both or neither"):
+        solve_layer(
+            "l",
+            layer.codes,
+            layer.zeros,
+            layer.scales,
+            g_idx,
+            delta,
+            x_merged.t() @ x_merged,
+            bits,
+            0,
+            method,
+            linear=linear,
+        )
+
+
+def test_sequential_calibration_refuses_layers_outside_the_decoder_blocks():
+    """The sequential merge runs block by block; an adapted layer elsewhere is named before anything runs."""
+    blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(3))
+    model = torch.nn.ModuleDict({"layers": blocks, "head": torch.nn.Linear(4, 4)})
+    layers = {f"layers.{i}.0": blocks[i][0] for i in range(3)}
+    assert repeated_blocks(model, layers) is blocks and outside_blocks(model, layers) == []
+    layers["head"] = model["head"]
+    assert repeated_blocks(model, layers) is None and outside_blocks(model, layers) == ["head"]
+    with pytest.raises(ValueError, match=r"outside its decoder blocks: \['head'\]"):
+        sequential_calibrated_folds(model, {name: (layer, ["default"]) for name, layer in layers.items()}, CALIBRATION)
 
 
 def test_calibration_files_and_texts_become_the_same_blocks(tmp_path):

@@ -201,6 +201,18 @@ def require_tokens(blocks: list[torch.Tensor], in_features: int) -> int:
     return tokens
 
 
+def equal_length_batches(blocks: list[torch.Tensor], batch_tokens: int = 4096) -> list[torch.Tensor]:
+    """Consecutive blocks of equal length stacked into batches of at most ``batch_tokens`` (no padding)."""
+    batches: list[list[torch.Tensor]] = []
+    for block in blocks:
+        last = batches[-1] if batches else None
+        if last and last[0].numel() == block.numel() and (len(last) + 1) * block.numel() <= batch_tokens:
+            last.append(block)
+        else:
+            batches.append([block])
+    return [torch.stack(batch) for batch in batches]
+
+
 class HessianCollector:
     """Forward pre-hooks summing ``X^T X`` of each named module's input over calibration forwards (fp32).
 
@@ -249,22 +261,16 @@ class HessianCollector:
                 backbone = model
         else:
             backbone = model
-        batches: list[list[torch.Tensor]] = []
-        for block in blocks:
-            last = batches[-1] if batches else None
-            if last and last[0].numel() == block.numel() and (len(last) + 1) * block.numel() <= batch_tokens:
-                last.append(block)
-            else:
-                batches.append([block])
+        batches = equal_length_batches(blocks, batch_tokens)
         was_training = model.training
         model.eval()
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
         try:
             for batch in tqdm(batches, disable=not progressbar, desc="Calibration: layer input Hessians"):
                 self._seen.clear()
-                backbone(input_ids=torch.stack(batch).to(device))
+                backbone(input_ids=batch.to(device))
                 self._first_batch = False
-                self.tokens += sum(block.numel() for block in batch)
+                self.tokens += batch.numel()
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -289,6 +295,26 @@ def default_tokenizer(name_or_path: str | os.PathLike | None) -> Any:
         return None
 
 
+def model_calibration_blocks(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    data: CalibrationData,
+    tokenizer: Any = None,
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> list[torch.Tensor]:
+    """``data`` as token blocks for ``model``, checked: readable, in its vocabulary, enough for the widest layer."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab_size = getattr(embeddings, "num_embeddings", None)
+    if tokenizer is None and not _is_token_ids(data) and not isinstance(data, torch.Tensor):
+        tokenizer = default_tokenizer(getattr(getattr(model, "config", None), "_name_or_path", None))
+    blocks = calibration_blocks(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens, vocab_size=vocab_size)
+    tokens = require_tokens(blocks, max(int(layer.in_features) for layer in layers.values()))
+    logger.info("Calibrating %d layers on %d tokens in %d blocks", len(layers), tokens, len(blocks))
+    return blocks
+
+
 def layer_hessians(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -303,13 +329,7 @@ def layer_hessians(
 
     Checks the data (readable, in the vocabulary, enough tokens for the widest layer) before running anything.
     """
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab_size = getattr(embeddings, "num_embeddings", None)
-    if tokenizer is None and not _is_token_ids(data) and not isinstance(data, torch.Tensor):
-        tokenizer = default_tokenizer(getattr(getattr(model, "config", None), "_name_or_path", None))
-    blocks = calibration_blocks(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens, vocab_size=vocab_size)
-    tokens = require_tokens(blocks, max(int(layer.in_features) for layer in layers.values()))
-    logger.info("Calibrating %d layers on %d tokens in %d blocks", len(layers), tokens, len(blocks))
+    blocks = model_calibration_blocks(model, layers, data, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
     collector = HessianCollector(layers)
     collector.run(model, blocks, progressbar)
     return collector

@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-method",
         choices=METHODS,
         default=DEFAULT_METHOD,
-        help="how codes and zero points are chosen (docs/design.md, 'Calibrated integer merge') (default: %(default)s)",
+        help="how codes and zero points are chosen: sequential keeps the most, greedy is faster (docs/design.md, "
+        "'Calibrated integer merge') (default: %(default)s)",
     )
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

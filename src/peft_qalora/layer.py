@@ -222,11 +222,18 @@ class QALoraLayer(BaseTunerLayer):
         return LayerFold(adapter_names, rounded, "int", rounding)
 
     def calibrated_fold(
-        self, adapter_names: list[str], hessian: torch.Tensor, name: str = "", method: str = DEFAULT_METHOD
+        self,
+        adapter_names: list[str],
+        hessian: torch.Tensor,
+        name: str = "",
+        method: str = DEFAULT_METHOD,
+        linear: Optional[torch.Tensor] = None,
+        start_energy: Optional[torch.Tensor] = None,
     ) -> LayerFold:
         """The calibrated integer merge of ``adapter_names`` (calibrated_merge.py), computed but not applied.
 
-        ``hessian`` is ``X^T X`` of this layer's inputs in the adapter model on the calibration data.
+        ``hessian`` is ``X^T X`` of this layer's calibration inputs; ``linear`` and ``start_energy``, when given,
+        the rest of the objective (:func:`peft_qalora.calibrated_merge.solve_layer`; the sequential calibration's).
         """
         base = self.get_base_layer()
         if isinstance(base, FloatZeroGPTQLinear):
@@ -236,7 +243,18 @@ class QALoraLayer(BaseTunerLayer):
         codes = unpack_qweight(base.qweight, self.facts.bits, self.in_features)
         lowest = 1 if in_memory_zero_format(base, self.checkpoint_format) == "gptq" else 0
         solution = solve_layer(
-            name, codes, zeros, base.scales, base.g_idx, delta, hessian, self.facts.bits, lowest, method=method
+            name,
+            codes,
+            zeros,
+            base.scales,
+            base.g_idx,
+            delta,
+            hessian,
+            self.facts.bits,
+            lowest,
+            method=method,
+            linear=linear,
+            start_energy=start_energy,
         )
         return LayerFold(adapter_names, solution.zeros, "int", solution.report, codes=solution.codes)
 

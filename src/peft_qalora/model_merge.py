@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrated_merge import DEFAULT_METHOD, CalibratedMergeReport
+from .calibrated_merge import DEFAULT_METHOD, METHODS, CalibratedMergeReport
 from .calibration import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, CalibrationData, layer_hessians
 from .card_facts import merged_facts
 from .config import base_quantization
@@ -24,6 +24,7 @@ from .layer import LayerFold, QALoraLinear
 from .merge import ZERO_FORMATS, MergeReport, check_rounding
 from .merged_model import relabel_integer_merge, store_float_zeros
 from .save_hooks import attach_merged_card
+from .sequential_calibration import sequential_calibrated_folds
 
 if TYPE_CHECKING:
     from .model import QALoraModel
@@ -107,6 +108,8 @@ def calibrated_folds(
     calibration_method: str = DEFAULT_METHOD,
 ) -> dict[str, LayerFold]:
     """The calibrated integer merge of every layer, computed (the model runs on the data) but not applied."""
+    if calibration_method not in METHODS:
+        raise ValueError(f"calibration_method must be one of {METHODS}, got {calibration_method!r}.")
     if adapter_names is not None and set(adapter_names) != set(tuner.active_adapters):
         raise ValueError(
             f"A calibrated merge matches the outputs of the model with its active adapters {tuner.active_adapters}; "
@@ -119,15 +122,11 @@ def calibrated_folds(
             merging[name] = (layer, names)
     if not merging:
         return {}
-    collector = layer_hessians(
-        tuner.model,
-        {name: layer for name, (layer, _) in merging.items()},
-        calibration,
-        tokenizer,
-        seq_len=calibration_seq_len,
-        max_tokens=calibration_max_tokens,
-        progressbar=progressbar,
-    )
+    options = {"seq_len": calibration_seq_len, "max_tokens": calibration_max_tokens, "progressbar": progressbar}
+    if calibration_method == "sequential":
+        return sequential_calibrated_folds(tuner.model, merging, calibration, tokenizer, **options)
+    layer_inputs = {name: layer for name, (layer, _) in merging.items()}
+    collector = layer_hessians(tuner.model, layer_inputs, calibration, tokenizer, **options)
     folds = {}
     for name, (layer, names) in tqdm(merging.items(), disable=not progressbar, desc="Calibrated integer merge"):
         folds[name] = layer.calibrated_fold(names, collector.hessian(name), name, calibration_method)
