@@ -122,9 +122,11 @@ def merged_v1(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def greedy_v1(merged_v1):
-    """The default one-shot greedy calibrated merge (every layer on the adapter model's inputs), same base and adapter."""
+    """The one-shot greedy calibrated merge (every layer on the adapter model's inputs), same base and adapter."""
     model = adapter_model(merged_v1["synthetic"])
-    merged = model.merge_and_unload(zero_format="int", calibration=CALIBRATION, max_rounding_loss=1.0)
+    merged = model.merge_and_unload(
+        zero_format="int", calibration=CALIBRATION, max_rounding_loss=1.0, calibration_method="greedy"
+    )
     merged.save_pretrained(merged_v1["root"] / "merged-greedy")
     return dict(merged_v1, report=merged.qalora_merge_report, folder=merged_v1["root"] / "merged-greedy")
 
@@ -288,9 +290,7 @@ def test_offline_merge_and_cli_write_the_in_memory_result(merged_v1, tmp_path):
             str(ids_file),
             "--max-rounding-loss",
             "1",
-            "--calibration-method",
-            "sequential",
-            "-q",
+            "-q",  # the default method: sequential
         ]
     )
     assert code == 0

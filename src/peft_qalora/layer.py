@@ -12,7 +12,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .calibrated_merge import DEFAULT_METHOD, solve_layer
+from .calibrated_merge import DEFAULT_SOLVER, solve_layer
 from .config import qalora_scaling
 from .float_zero_linear import FloatZeroGPTQLinear
 from .gptq import (
@@ -226,7 +226,7 @@ class QALoraLayer(BaseTunerLayer):
         adapter_names: list[str],
         hessian: torch.Tensor,
         name: str = "",
-        method: str = DEFAULT_METHOD,
+        method: str = DEFAULT_SOLVER,
         linear: Optional[torch.Tensor] = None,
         start_energy: Optional[torch.Tensor] = None,
     ) -> LayerFold:

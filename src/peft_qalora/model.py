@@ -258,8 +258,8 @@ class QALoraModel(BaseTuner):
                 (:mod:`peft_qalora.calibrated_merge`); the report measures what it keeps on those outputs.
             tokenizer: Tokenizes text calibration data (default: the one saved with the base model's folder).
             calibration_options: ``calibration_seq_len`` (tokens per block, default 512), ``calibration_max_tokens``
-                (default 32768), ``calibration_method`` (``"greedy"``, the default, ``"sequential"``, ``"codes"``,
-                ``"zeros"`` or ``"both"``; :mod:`peft_qalora.calibrated_merge`).
+                (default 32768), ``calibration_method`` (``"sequential"``, the default, ``"greedy"`` (faster, keeps
+                less), ``"codes"``, ``"zeros"`` or ``"both"``; :mod:`peft_qalora.calibrated_merge`).
 
         Returns:
             The merged transformers model. After an integer merge its ``qalora_merge_report`` attribute holds the
