@@ -1,0 +1,62 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""Switches over the merged ``FloatZeroGPTQLinear`` forward, so that one process can time and compare its paths:
+``float_zero_path`` picks the Triton or the torch dequantize, ``torch_float_zero_forward`` runs one call through the
+torch one, and ``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo it) dequantizes each layer once
+and keeps the bf16 weight, trading memory for speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def float_zero_path(triton: bool):
+    """Run merged ``FloatZeroGPTQLinear`` layers through the Triton dequantize (CUDA default) or the torch one."""
+    from peft_qalora.kernels import set_float_zero_triton
+
+    set_float_zero_triton(triton)
+    try:
+        yield
+    finally:
+        set_float_zero_triton(True)
+
+
+def torch_float_zero_forward(layer, x):
+    with float_zero_path(triton=False):
+        return layer(x)
+
+
+@contextlib.contextmanager
+def float_zero_cached_forward():
+    """``FloatZeroGPTQLinear`` that dequantizes once to the activation dtype and keeps it (memory for speed)."""
+    from peft_qalora import FloatZeroGPTQLinear
+    from peft_qalora.kernels import dequantize_float_zeros
+    from peft_qalora.kernels.gptq_cuda import float_zero_supported
+
+    original = FloatZeroGPTQLinear.forward
+
+    def forward(self, x):
+        if not float_zero_supported(self, x):
+            return original(self, x)
+        weight = getattr(self, "_bench_weight_cache", None)
+        if weight is None or weight.dtype != x.dtype:
+            weight = self._bench_weight_cache = dequantize_float_zeros(self, x.dtype)
+        out = x.reshape(-1, self.in_features) @ weight
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    FloatZeroGPTQLinear.forward = forward
+    try:
+        yield
+    finally:
+        FloatZeroGPTQLinear.forward = original
+
+
+def drop_cached_weights(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, "_bench_weight_cache"):
+            del module._bench_weight_cache

@@ -1,0 +1,109 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""The ``layers`` phase (issue 14): the q, gate and down projections at 1/16/4096 rows through Marlin and the other
+GPTQ kernels, the merged layer's paths and the unmerged adapter, each timed per call cycling through that projection
+of every decoder layer (weights read from HBM), with the merged outputs' errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from .checkpoints import LAYER_SHAPES, kernel_classes, llama_config, load_gptq, randomize_adapter, write_random_gptq
+from .cli import PROJECTIONS, dtype_of
+from .common import RESULTS, free_memory, log, rel
+from .timing import graph_us_each, time_call
+
+
+@torch.no_grad()
+def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
+    """q/gate/down at 1/16/4096 rows: Marlin, the other GPTQ kernels, the merged layer's paths.
+
+    The checkpoint has ``--layers`` decoder layers and every figure is per call, cycling through that projection of
+    all of them: with 8 layers the weights exceed the L2 cache, so they are read from HBM as in decoding.
+    """
+    import peft
+
+    import peft_qalora
+    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
+
+    dtype = dtype_of(args)
+    gs = args.gen_group_sizes[0]
+    path = os.path.join(tmp, f"layers-g{gs}")
+    write_random_gptq(path, llama_config(args, args.layers), 4, gs, args.device)
+    bases = {}
+    for backend in args.layer_backends:
+        started = time.perf_counter()
+        try:
+            model = load_gptq(path, backend, args).eval()
+            bases[backend] = model
+            RESULTS["checks"].append(
+                {"layers_backend": backend, "classes": kernel_classes(model), "load_s": time.perf_counter() - started}
+            )
+        except Exception as exc:  # noqa: BLE001
+            RESULTS["checks"].append({"layers_backend": backend, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        log("loaded", RESULTS["checks"][-1])
+    source = load_gptq(path, "gptq_triton", args)
+    adapted = peft.get_peft_model(
+        source, peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS)
+    )
+    randomize_adapter(adapted)
+    adapted.eval()
+    names = {"q_proj": "self_attn.q_proj", "gate_proj": "mlp.gate_proj", "down_proj": "mlp.down_proj"}
+
+    def every_layer(model: torch.nn.Module, short: str) -> list[torch.nn.Module]:
+        return [model.get_submodule(f"model.layers.{i}.{names[short]}") for i in range(args.layers)]
+
+    unmerged = {short: every_layer(adapted.base_model.model, short) for short in names}
+    xs = {
+        (short, rows): torch.randn(rows, LAYER_SHAPES[short][0], device=args.device, dtype=dtype)
+        for short in names
+        for rows in (1, 16, 4096)
+    }
+    unmerged_out = {key: unmerged[key[0]][0](x) for key, x in xs.items()}
+    # merge a second copy: merge_and_unload() replaces the adapter layers, which `unmerged` must keep
+    merge_source = peft.get_peft_model(
+        load_gptq(path, "gptq_triton", args),
+        peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS),
+    )
+    randomize_adapter(merge_source)
+    merged_model = merge_source.merge_and_unload()
+    for short in names:
+        merged = every_layer(merged_model, short)
+        layer = merged[0]
+        reference = layer.dequantize_weight().double()  # fp32 dequantize of the merged layer, from its own tensors
+        for rows in (1, 16, 4096):
+            x = xs[(short, rows)]
+            candidates = {}
+            for backend, model in bases.items():
+                base = every_layer(model, short)
+                candidates[f"GPTQ base, {type(base[0]).__name__} (`{backend}`)"] = (lambda m: m(x), base)
+            candidates["merged, dispatch (FloatZeroGPTQLinear.forward)"] = (lambda m: m(x), merged)
+            candidates["merged, fused kernel"] = (lambda m: float_zero_gemm(m, x, max_rows=None), merged)
+            candidates["merged, Triton dequantize + cuBLAS"] = (lambda m: x @ dequantize_float_zeros(m, dtype), merged)
+            candidates["unmerged adapter on TritonV2Linear"] = (lambda m: m(x), unmerged[short])
+            for label, (call, modules) in candidates.items():
+                record: dict[str, Any] = {
+                    "layer": short,
+                    "shape": f"{layer.in_features}x{layer.out_features}",
+                    "rows": rows,
+                    "variant": label,
+                }
+                try:
+                    record.update(time_call(lambda: call(modules[0]), args))
+                    record["graph_us"] = graph_us_each(call, modules)
+                    if label.startswith("merged"):
+                        out = call(layer)
+                        record["vs_fp32_dequant_fp64_matmul"] = rel(out, x.double() @ reference)
+                        record["vs_unmerged"] = rel(out, unmerged_out[(short, rows)])
+                except Exception as exc:  # noqa: BLE001
+                    record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                log("layer", json.dumps(record))
+                RESULTS.setdefault("layers", []).append(record)
+    del bases, merged_model, merge_source, adapted, source
+    free_memory()

@@ -1,0 +1,121 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""The ``serve`` phase (issue 14): greedy generation tokens/s of the ``--serve-models`` (GPTQ base on Marlin, merged,
+unmerged adapter, bf16) interleaved, eager and with a static cache that transformers compiles, with the graphs and
+graph breaks that compiling produced (``dynamo_counts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from .checkpoints import bf16_model, kernel_classes, load_gptq, randomize_adapter, write_random_gptq
+from .cli import PROJECTIONS, SERVE_MODELS
+from .common import RESULTS, dump, free_memory, log, logits, rel
+from .timing import Timer
+
+
+def dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+    }
+
+
+@torch.no_grad()
+def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
+    """Generation tokens/s, eager and with a static cache (compiled by transformers), the models interleaved."""
+    import peft
+    import torch._dynamo
+
+    import peft_qalora
+
+    torch._dynamo.config.cache_size_limit = 64
+    gs = args.gen_group_sizes[0]
+    path = os.path.join(tmp, f"serve-g{gs}")
+    write_random_gptq(path, config, 4, gs, args.device)
+    wanted = set(args.serve_models)
+    models: dict[str, torch.nn.Module] = {}
+    if "marlin" in wanted:
+        models[SERVE_MODELS["marlin"]] = load_gptq(path, "gptq_marlin", args)
+    adapter_config = peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS)
+    unmerged = None
+    if wanted & {"merged", "unmerged"}:
+        unmerged = peft.get_peft_model(load_gptq(path, "gptq_triton", args), adapter_config)
+        randomize_adapter(unmerged)  # seeded: the merged model below folds the same adapter
+        if "unmerged" in wanted:
+            models[SERVE_MODELS["unmerged"]] = unmerged
+    if "merged" in wanted:
+        merge_source = peft.get_peft_model(load_gptq(path, "gptq_triton", args), adapter_config)
+        randomize_adapter(merge_source)
+        models[SERVE_MODELS["merged"]] = merge_source.merge_and_unload()
+        del merge_source
+    if "bf16" in wanted:
+        models[SERVE_MODELS["bf16"]] = bf16_model(config, args)
+    for m in models.values():
+        m.eval()
+    RESULTS["checks"].append({"serve_classes": {k: kernel_classes(m) for k, m in models.items()}})
+    if unmerged is not None and "merged" in wanted:
+        ids_probe = torch.randint(3, args.vocab_size, (2, 32), device=args.device)
+        RESULTS["checks"].append(
+            {
+                "serve_merged_vs_unmerged_logits_rel": rel(
+                    logits(models[SERVE_MODELS["merged"]], ids_probe), logits(unmerged.eval(), ids_probe)
+                )
+            }
+        )
+    if "unmerged" not in wanted:
+        del unmerged
+        free_memory()
+    for mode in args.serve_modes:
+        for batch in args.gen_batches:
+            ids = torch.randint(3, args.vocab_size, (batch, args.prompt_len), device=args.device)
+            kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+            if mode == "static":
+                kwargs["cache_implementation"] = "static"
+            compiled = {}
+            for name, m in models.items():
+                before = dynamo_counts()
+                started = time.perf_counter()
+                try:
+                    # the timed length: a static cache of another length is a new shape (a recompile, measured:
+                    # 109 s inside the first timed run); twice for static: compile, then capture the CUDA graphs
+                    for _ in range(2 if mode == "static" else 1):
+                        m.generate(
+                            input_ids=ids, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, **kwargs
+                        )
+                    after = dynamo_counts()
+                    compiled[name] = {k: after[k] - before[k] for k in after}
+                    compiled[name]["warmup_s"] = round(time.perf_counter() - started, 1)
+                except Exception as exc:  # noqa: BLE001
+                    compiled[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                log("warm", mode, batch, name, compiled[name])
+            times: dict[str, list[float]] = {name: [] for name in models if "error" not in compiled[name]}
+            names = list(times)
+            for rep in range(args.gen_repeats if names else 0):  # none left when every warm-up failed
+                for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                    with Timer(args.device) as t:
+                        out = models[name].generate(
+                            input_ids=ids, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, **kwargs
+                        )
+                    assert out.shape[1] == args.prompt_len + args.gen_tokens, out.shape
+                    times[name].append(t.ms)
+            for name in models:
+                record: dict[str, Any] = {"model": name, "mode": mode, "batch": batch, **compiled[name]}
+                if name in times:
+                    record["ms"] = statistics.median(times[name])
+                    record["ms_all"] = [round(x, 1) for x in times[name]]
+                    record["tokens_per_s"] = batch * args.gen_tokens / (record["ms"] / 1e3)
+                log("serve", json.dumps(record))
+                RESULTS.setdefault("serve", []).append(record)
+                dump(args)
+    del models
+    free_memory()

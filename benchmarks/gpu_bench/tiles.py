@@ -1,0 +1,208 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""The ``tiles`` phase (issue 14): the merged layer's fused kernel alone on random float-zero layers of the 7B
+shapes: exactness against the codes, the tile sweep (``tile_grid``), the row count where dequantize + cuBLAS takes
+over, torch's int4 kernel (tinygemm) beside it, and the op under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from .checkpoints import LAYER_SHAPES, random_scales
+from .cli import dtype_of
+from .common import RESULTS, free_memory, log, rel
+from .float_zero import float_zero_path
+from .timing import bench_us, graph_us_each, hbm_copies
+
+
+def random_float_zero_layer(k: int, n: int, group_size: int, device: str, seed: int = 0):
+    """A merged layer with random 4-bit codes, fp16 scales and real-valued fp32 zeros (a trained adapter's shift)."""
+    from peft_qalora import FloatZeroGPTQLinear
+    from peft_qalora.gptq import pack_qweight
+
+    gen = torch.Generator(device).manual_seed(seed)
+    groups = -(-k // group_size)
+    codes = torch.randint(0, 16, (k, n), device=device, generator=gen, dtype=torch.int32)
+    layer = FloatZeroGPTQLinear(4, group_size, k, n).to(device)
+    layer.qweight = pack_qweight(codes, 4)
+    layer.scales = random_scales((groups, n), device, gen).half()
+    layer.zeros = 8 - 0.01 * torch.randn((groups, n), device=device, generator=gen)
+    g = torch.arange(k, device=device) // group_size
+    reference = (codes.double() - layer.zeros.double()[g]) * layer.scales.double()[g]  # (k, n), from the codes
+    return layer, codes, reference
+
+
+def tinygemm_operands(codes: torch.Tensor, layer, group_size: int):
+    """torch's CUDA int4 kernel (tinygemm): w = (q - 8) * scale + offset, bf16 scales and offsets."""
+    n = codes.shape[1]
+    packed_u8 = (codes.t()[:, ::2] << 4 | codes.t()[:, 1::2]).to(torch.uint8).contiguous()  # (n, k/2), even k high
+    packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+    scales = layer.scales.float()
+    offsets = scales * (8 - layer.zeros)
+    return packed, torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous(), n
+
+
+def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
+    """The fused kernel's tiles tried at ``rows`` (1, 16 or 64; other row counts are timed with the default tile).
+
+    ``wide``: one-row fp32 multiply-adds (BLOCK_M 1) and tensor-core tiles over tile widths, K blocks per
+    iteration, splits and warps (run 8's sweep). ``focus``: around run 8's best, wider tiles and splits, 8 warps,
+    the one-row sum per K block, and 64-row (wgmma) tiles for 16 rows.
+    """
+
+    def tile(bm: int, bn: int, st: int, sk: int, w: int, **extra: Any) -> dict:
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "STEPS": st, "SPLIT_K": sk, "num_warps": w, **extra}
+
+    if grid == "focus":
+        if rows == 1:
+            return [
+                tile(1, bn, st, sk, w, ROW_SUM_EACH_BLOCK=each)
+                for bn in (64, 128, 256)
+                for st in (1, 2)
+                for sk in (4, 8, 16)
+                for w in (4, 8)
+                for each in (False, True)
+            ]
+        if rows == 16:
+            return [tile(16, bn, 1, sk, w) for bn in (128, 256) for sk in (4, 8, 16) for w in (4, 8)] + [
+                tile(64, bn, 1, sk, 4) for bn in (64, 128) for sk in (4, 8)
+            ]
+        return [tile(64, bn, st, sk, w) for bn in (64, 128) for st in (1,) for sk in (2, 4, 8) for w in (4, 8)]
+    tiles = []
+    if rows == 1:
+        tiles += [
+            tile(1, bn, st, sk, w) for bn in (32, 64, 128) for st in (1, 2) for sk in (1, 2, 4, 8) for w in (2, 4)
+        ]
+    bm = min(64, max(16, triton_next_pow2(rows)))
+    tiles += [
+        tile(bm, bn, st, sk, w)
+        for bn in ((32, 64, 128) if rows <= 16 else (32, 64))
+        for st in (1, 2)
+        for sk in ((1, 2, 4, 8) if rows <= 16 else (1, 2, 4))
+        for w in ((4, 8) if rows == 16 else (4,))
+    ]
+    return tiles
+
+
+@torch.no_grad()
+def run_tiles(args: argparse.Namespace) -> None:
+    """The fused kernel alone: exactness against the codes, a tile sweep, and the row count where cuBLAS takes over.
+
+    Kernel times are CUDA-graph replays (``graph_us``): GPU time only, so a busy CPU (Marlin compiling beside the
+    sweep) does not move them.
+    """
+    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
+    from peft_qalora.kernels import fused_float_zero as fz
+
+    dtype = dtype_of(args)
+    for name, (k, n) in LAYER_SHAPES.items():
+        layer, codes, reference = random_float_zero_layer(k, n, 128, args.device)
+        copies = hbm_copies(layer)
+        for rows in (1, 16, 32, 64):
+            for xdtype in (dtype, torch.float16):
+                x = torch.randn(rows, k, device=args.device, dtype=xdtype)
+                exact = x.double() @ reference
+                fused = float_zero_gemm(layer, x)
+                with float_zero_path(triton=False):
+                    torch_path = layer(x)  # dequantize in fp32, round the weight to the activation dtype, matmul
+                record = {
+                    "layer": name,
+                    "rows": rows,
+                    "dtype": str(xdtype).replace("torch.", ""),
+                    "fused_vs_fp64": rel(fused, exact),
+                    "torch_path_vs_fp64": rel(torch_path, exact),
+                    "fused_vs_torch_path": rel(fused, torch_path),
+                    "output_rounding": rel(exact.to(xdtype), exact),
+                }
+                RESULTS.setdefault("exactness", []).append(record)
+                log("exact", json.dumps(record))
+        for rows in (1, 4, 16, 32, 64):
+            x = torch.randn(rows, k, device=args.device, dtype=dtype)
+            default = fz._pick_config(rows, k, n, 128, fz._multiprocessors(0))
+            default_us = graph_us_each(lambda m: float_zero_gemm(m, x), copies)
+            best = (default_us, default)
+            for config in tile_grid(rows, args.tile_grid) if rows in (1, 16, 64) else []:
+                try:
+                    us = graph_us_each(lambda m: float_zero_gemm(m, x, config), copies)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for a tile
+                    log("tile error", config, str(exc)[:200])
+                    continue
+                RESULTS.setdefault("tiles", []).append({"layer": name, "rows": rows, "config": config, "graph_us": us})
+                if best is None or not us >= best[0]:  # NaN never wins
+                    best = (us, config)
+            # the same best tile with the codes converted (int -> float) instead of built from their bits
+            convert = dict(best[1], CODE_BITS=0, CODE_OFFSET=0.0, FOLD_OFFSET=False, SPLIT_K=best[1]["SPLIT_K"])
+            convert_us = (
+                graph_us_each(lambda m: float_zero_gemm(m, x, convert), copies) if best[1]["BLOCK_M"] > 1 else None
+            )
+            record = {
+                "layer": name,
+                "rows": rows,
+                "best_us": best[0],
+                "best": best[1],
+                "best_converting_codes_us": convert_us,
+                "default_us": default_us,
+                "default": default,
+            }
+            RESULTS.setdefault("tile_best", []).append(record)
+            log("tiles", json.dumps(record))
+        # where dequantize-then-cuBLAS overtakes the fused kernel
+        for rows in (32, 64, 128, 256, 512):
+            x = torch.randn(rows, k, device=args.device, dtype=dtype)
+            big = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "STEPS": 2, "SPLIT_K": 1, "num_warps": 4}
+            fused_us = graph_us_each(lambda m: float_zero_gemm(m, x, big, max_rows=None), copies)
+            deq_us = graph_us_each(lambda m: x @ dequantize_float_zeros(m, dtype), copies)
+            RESULTS.setdefault("crossover", []).append(
+                {"layer": name, "rows": rows, "fused_us": fused_us, "dequant_cublas_us": deq_us}
+            )
+            log("crossover", json.dumps(RESULTS["crossover"][-1]))
+        # torch's int4 kernel (tinygemm): speed and what its bf16 scales and offsets keep
+        try:
+            packed, sz, _ = tinygemm_operands(codes, layer, 128)
+            packs = [packed] + [packed.clone() for _ in copies[1:]]
+            for rows in (1, 16, 4096):
+                x = torch.randn(rows, k, device=args.device, dtype=torch.bfloat16)
+                out = torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)
+                exact = x.double() @ reference
+                RESULTS.setdefault("tinygemm", []).append(
+                    {
+                        "layer": name,
+                        "rows": rows,
+                        "gpu_us": graph_us_each(lambda p: torch.ops.aten._weight_int4pack_mm(x, p, 128, sz), packs),
+                        "vs_fp64": rel(out, exact),
+                        "fused_vs_fp64": rel(float_zero_gemm(layer, x), exact) if rows <= 64 else None,
+                    }
+                )
+                log("tinygemm", json.dumps(RESULTS["tinygemm"][-1]))
+        except Exception as exc:  # noqa: BLE001
+            RESULTS.setdefault("tinygemm", []).append({"layer": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        # the op under torch.compile: fullgraph raises on a graph break
+        try:
+            compiled = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
+            for rows in (1, 16):
+                x = torch.randn(rows, k, device=args.device, dtype=dtype)
+                for _ in range(3):
+                    y = compiled(x)
+                RESULTS["checks"].append(
+                    {
+                        "compiled_layer": name,
+                        "rows": rows,
+                        "fullgraph": True,
+                        "vs_eager": rel(y, layer(x)),
+                        "compiled_us": bench_us(lambda: compiled(x)),
+                        "eager_us": bench_us(lambda: layer(x)),
+                    }
+                )
+                log("compile", RESULTS["checks"][-1])
+        except Exception as exc:  # noqa: BLE001
+            RESULTS["checks"].append({"compiled_layer": name, "error": f"{type(exc).__name__}: {exc}"[:400]})
+        layer = codes = reference = copies = None  # freed before the next shape
+        free_memory()
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
