@@ -22,6 +22,7 @@ KERNEL_BACKENDS = ("gptq_torch", "gptq_triton", "auto", "gptq_exllama_v2", "gptq
 SERVE_MODELS = {
     "marlin": "GPTQ base on Marlin (`gptq_marlin`)",
     "merged": "merged (FloatZeroGPTQLinear, fused kernel)",
+    "merged-tinygemm": "merged, one row through tinygemm (`set_tinygemm(True)`, eager only)",
     "unmerged": "unmerged adapter on its base (`gptq_triton`, TritonV2Linear)",
     "bf16": "bf16 model",
 }

@@ -1,7 +1,7 @@
 # Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
 """Switches over the merged ``FloatZeroGPTQLinear`` forward, so that one process can time and compare its paths:
 ``float_zero_path`` picks the Triton or the torch dequantize, ``torch_float_zero_forward`` runs one call through the
-torch one, and ``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo it) dequantizes each layer once
+torch one, ``tinygemm_forward`` runs one call with ``set_tinygemm(True)``, and ``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo it) dequantizes each layer once
 and keeps the bf16 weight, trading memory for speed.
 """
 
@@ -26,6 +26,23 @@ def float_zero_path(triton: bool):
 
 def torch_float_zero_forward(layer, x):
     with float_zero_path(triton=False):
+        return layer(x)
+
+
+@contextlib.contextmanager
+def tinygemm_enabled():
+    """Merged layers take torch's int4 matmul for one bf16 row where it keeps them (``set_tinygemm``, off by default)."""
+    from peft_qalora.kernels import set_tinygemm
+
+    set_tinygemm(True)
+    try:
+        yield
+    finally:
+        set_tinygemm(False)
+
+
+def tinygemm_forward(layer, x):
+    with tinygemm_enabled():
         return layer(x)
 
 

@@ -1,6 +1,6 @@
 # Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
 """The ``layers`` phase (issue 14): the q, gate and down projections at 1/16/4096 rows through Marlin and the other
-GPTQ kernels, the merged layer's paths and the unmerged adapter, each timed per call cycling through that projection
+GPTQ kernels, the merged layer's paths (fused kernel, dequantize + cuBLAS, tinygemm) and the unmerged adapter, each timed per call cycling through that projection
 of every decoder layer (weights read from HBM), with the merged outputs' errors.
 """
 
@@ -17,6 +17,7 @@ import torch
 from .checkpoints import LAYER_SHAPES, kernel_classes, llama_config, load_gptq, randomize_adapter, write_random_gptq
 from .cli import PROJECTIONS, dtype_of
 from .common import RESULTS, free_memory, log, rel
+from .float_zero import tinygemm_forward
 from .timing import graph_us_each, time_call
 
 
@@ -31,6 +32,7 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
 
     import peft_qalora
     from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
+    from peft_qalora.kernels.int4_tinygemm import tinygemm_matmul, tinygemm_offset_error, tinygemm_operands
 
     dtype = dtype_of(args)
     gs = args.gen_group_sizes[0]
@@ -77,6 +79,15 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
         merged = every_layer(merged_model, short)
         layer = merged[0]
         reference = layer.dequantize_weight().double()  # fp32 dequantize of the merged layer, from its own tensors
+        tinygemm = dtype == torch.bfloat16
+        if tinygemm:  # built before timing: a CUDA-graph capture must not be the call that packs the operands
+            try:
+                for m in merged:
+                    tinygemm_operands(m)
+                RESULTS["checks"].append({"layer": short, "tinygemm_offset_error_steps": tinygemm_offset_error(layer)})
+            except Exception as exc:  # noqa: BLE001
+                RESULTS["checks"].append({"layer": short, "tinygemm": f"{type(exc).__name__}: {exc}"[:300]})
+                tinygemm = False
         for rows in (1, 16, 4096):
             x = xs[(short, rows)]
             candidates = {}
@@ -86,6 +97,10 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
             candidates["merged, dispatch (FloatZeroGPTQLinear.forward)"] = (lambda m: m(x), merged)
             candidates["merged, fused kernel"] = (lambda m: float_zero_gemm(m, x, max_rows=None), merged)
             candidates["merged, Triton dequantize + cuBLAS"] = (lambda m: x @ dequantize_float_zeros(m, dtype), merged)
+            if tinygemm and rows <= 16:
+                candidates["merged, tinygemm (torch int4 matmul)"] = (lambda m: tinygemm_matmul(m, x), merged)
+                if rows == 1:
+                    candidates["merged, dispatch with set_tinygemm(True)"] = (lambda m: tinygemm_forward(m, x), merged)
             candidates["unmerged adapter on TritonV2Linear"] = (lambda m: m(x), unmerged[short])
             for label, (call, modules) in candidates.items():
                 record: dict[str, Any] = {

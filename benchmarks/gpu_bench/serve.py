@@ -1,16 +1,18 @@
 # Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
 """The ``serve`` phase (issue 14): greedy generation tokens/s of the ``--serve-models`` (GPTQ base on Marlin, merged,
-unmerged adapter, bf16) interleaved, eager and with a static cache that transformers compiles, with the graphs and
+merged with tinygemm for one row, unmerged adapter, bf16) interleaved, eager and with a static cache that transformers compiles, with the graphs and
 graph breaks that compiling produced (``dynamo_counts``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ import torch
 from .checkpoints import bf16_model, kernel_classes, load_gptq, randomize_adapter, write_random_gptq
 from .cli import PROJECTIONS, SERVE_MODELS
 from .common import RESULTS, dump, free_memory, log, logits, rel
+from .float_zero import tinygemm_enabled
 from .timing import Timer
 
 
@@ -53,11 +56,17 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
         randomize_adapter(unmerged)  # seeded: the merged model below folds the same adapter
         if "unmerged" in wanted:
             models[SERVE_MODELS["unmerged"]] = unmerged
-    if "merged" in wanted:
+    contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}  # how a model generates, if not plainly
+    if wanted & {"merged", "merged-tinygemm"}:
         merge_source = peft.get_peft_model(load_gptq(path, "gptq_triton", args), adapter_config)
         randomize_adapter(merge_source)
-        models[SERVE_MODELS["merged"]] = merge_source.merge_and_unload()
+        merged = merge_source.merge_and_unload()
         del merge_source
+        if "merged" in wanted:
+            models[SERVE_MODELS["merged"]] = merged
+        if "merged-tinygemm" in wanted:  # the same model, its one-row calls through tinygemm
+            models[SERVE_MODELS["merged-tinygemm"]] = merged
+            contexts[SERVE_MODELS["merged-tinygemm"]] = tinygemm_enabled
     if "bf16" in wanted:
         models[SERVE_MODELS["bf16"]] = bf16_model(config, args)
     for m in models.values():
@@ -83,15 +92,19 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
                 kwargs["cache_implementation"] = "static"
             compiled = {}
             for name, m in models.items():
+                if mode == "static" and name in contexts:
+                    compiled[name] = {"error": "eager only: compiled, the merged model runs the fused kernel"}
+                    continue
                 before = dynamo_counts()
                 started = time.perf_counter()
                 try:
                     # the timed length: a static cache of another length is a new shape (a recompile, measured:
                     # 109 s inside the first timed run); twice for static: compile, then capture the CUDA graphs
                     for _ in range(2 if mode == "static" else 1):
-                        m.generate(
-                            input_ids=ids, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, **kwargs
-                        )
+                        with contexts.get(name, contextlib.nullcontext)():
+                            m.generate(
+                                input_ids=ids, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, **kwargs
+                            )
                     after = dynamo_counts()
                     compiled[name] = {k: after[k] - before[k] for k in after}
                     compiled[name]["warmup_s"] = round(time.perf_counter() - started, 1)
@@ -102,7 +115,7 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
             names = list(times)
             for rep in range(args.gen_repeats if names else 0):  # none left when every warm-up failed
                 for name in names[rep % len(names) :] + names[: rep % len(names)]:
-                    with Timer(args.device) as t:
+                    with contexts.get(name, contextlib.nullcontext)(), Timer(args.device) as t:
                         out = models[name].generate(
                             input_ids=ids, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, **kwargs
                         )

@@ -10,6 +10,7 @@ from .gptq_cuda import (
     set_float_zero_triton,
     set_recompute,
 )
+from .int4_tinygemm import set_tinygemm, tinygemm_gemm
 
 __all__ = [
     "dequantize_float_zeros",
@@ -20,4 +21,6 @@ __all__ = [
     "set_float_zero_triton",
     "set_fused_gemm",
     "set_recompute",
+    "set_tinygemm",
+    "tinygemm_gemm",
 ]

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..gptq import effective_group_size
 from .fused_float_zero import float_zero_gemm
+from .int4_tinygemm import tinygemm_gemm
 
 try:  # Triton is optional: CPU installs may not have it
     import triton
@@ -223,9 +224,13 @@ def autotuned_tiles() -> dict:
 def float_zero_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``layer(x)`` on CUDA, or ``None`` where no Triton path applies (the caller falls back to torch).
 
-    Up to ``fused_float_zero.FUSED_MAX_ROWS`` rows the fused kernel (codes, scales and zeros read once, no dense
-    weight); above, or where it does not apply, the Triton dequantize then cuBLAS.
+    With ``set_tinygemm(True)``, one row through torch's int4 matmul where it keeps the layer (int4_tinygemm.py); up to
+    ``fused_float_zero.FUSED_MAX_ROWS`` rows the fused kernel (codes, scales and zeros read once, no dense weight);
+    above, or where it does not apply, the Triton dequantize then cuBLAS.
     """
+    one_row = tinygemm_gemm(layer, x)  # off unless set_tinygemm(True): one row, bf16, offsets bf16 keeps
+    if one_row is not None:
+        return one_row
     if not _FLOAT_ZERO_TRITON:
         return None
     fused = float_zero_gemm(layer, x)  # 1-64 rows: the fused kernel, no dense weight
