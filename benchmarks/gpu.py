@@ -24,6 +24,10 @@ Phases (``--phases``):
   which cancels most of the run-to-run spread of greedy decoding (CPU-bound at these sizes).
 - ``decode``: where the merged model's generation time goes: one layer at 1/16/4096 rows for every forward option,
   a profile of 8 decoding steps, autotuned vs fixed dequantize tile, and dequantizing once into a kept bf16 weight.
+- ``marlin-warmup``, ``tiles``, ``layers``, ``serve`` (issue 14, the merged model at decoding sizes): compile Marlin
+  for fp16 and bf16 (run it in the background); the fused kernel's exactness and tile sweep; each projection through
+  Marlin and the merged layer's paths (fused, dequantize + cuBLAS, tinygemm); generation eager and with a static
+  cache, side by side. ``benchmarks/results/gpu.md`` has the commands and the device session they fit in.
 
 Run on one GPU (on an H100: about 6.5 minutes for the default ``train generate``, 2 minutes for ``genpair``)::
 
@@ -33,8 +37,8 @@ Run on one GPU (on an H100: about 6.5 minutes for the default ``train generate``
 The code lives in the ``gpu_bench`` package beside this file, one concept per module: ``cli`` (the flags below),
 ``common`` (the shared ``RESULTS`` record, logging, versions), ``timing``, ``checkpoints`` (the random GPTQ
 checkpoints and the models loaded from them), ``float_zero`` (the merged layer's forward switches), one module per
-phase (``kernels_phase``, ``train_generate`` for train and generate, ``genpair``, ``decode``, ``tiles``, ``layers``,
-``serve``) and ``report`` (the markdown tables). This file is the command: ``main()`` runs the phases in order.
+phase (``kernels_phase``, ``train_generate`` for train and generate, ``genpair``, ``decode``, ``marlin_warmup``,
+``tiles``, ``layers``, ``serve``) and ``report`` (the markdown tables). This file is the command: ``main()`` runs the phases in order.
 
 The table is printed last and written to ``--out``/gpu_results.md with the raw numbers in gpu_results.json.
 """
@@ -60,6 +64,7 @@ from gpu_bench.decode import run_decode
 from gpu_bench.genpair import run_genpair
 from gpu_bench.kernels_phase import kernel_worker, run_kernels
 from gpu_bench.layers import run_layers
+from gpu_bench.marlin_warmup import run_marlin_warmup
 from gpu_bench.report import render
 from gpu_bench.serve import run_serve
 from gpu_bench.tiles import run_tiles
@@ -98,7 +103,13 @@ def main(argv: list[str] | None = None) -> None:
             run_genpair(args, config, tmp)
         RESULTS["phase_seconds"]["genpair"] = round(time.perf_counter() - t0, 1)
         dump(args)
-    for phase, runner in (("tiles", None), ("layers", run_layers), ("serve", run_serve)):
+    phase_runners = (
+        ("marlin-warmup", run_marlin_warmup),
+        ("tiles", None),
+        ("layers", run_layers),
+        ("serve", run_serve),
+    )
+    for phase, runner in phase_runners:
         if phase not in phases:
             continue
         t1 = time.perf_counter()

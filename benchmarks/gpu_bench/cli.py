@@ -23,6 +23,7 @@ SERVE_MODELS = {
     "marlin": "GPTQ base on Marlin (`gptq_marlin`)",
     "merged": "merged (FloatZeroGPTQLinear, fused kernel)",
     "merged-tinygemm": "merged, one row through tinygemm (`set_tinygemm(True)`, eager only)",
+    "merged-tinygemm16": "merged, up to 16 rows through tinygemm (`set_tinygemm(True, max_rows=16)`, eager only)",
     "unmerged": "unmerged adapter on its base (`gptq_triton`, TritonV2Linear)",
     "bf16": "bf16 model",
 }
@@ -31,7 +32,10 @@ SERVE_MODELS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=DESCRIPTION)
     p.add_argument(
-        "--phases", nargs="+", default=["train", "generate"], help="kernels, train, generate, decode, genpair"
+        "--phases",
+        nargs="+",
+        default=["train", "generate"],
+        help="kernels, train, generate, genpair, decode, marlin-warmup, tiles, layers, serve",
     )
     p.add_argument("--layers", type=int, default=32, help="decoder layers (Llama-2-7B has 32)")
     p.add_argument("--hidden-size", type=int, default=4096)

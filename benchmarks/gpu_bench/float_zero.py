@@ -30,15 +30,17 @@ def torch_float_zero_forward(layer, x):
 
 
 @contextlib.contextmanager
-def tinygemm_enabled():
-    """Merged layers take torch's int4 matmul for one bf16 row where it keeps them (``set_tinygemm``, off by default)."""
-    from peft_qalora.kernels import set_tinygemm
+def tinygemm_enabled(max_rows: int = 1):
+    """Merged layers take torch's int4 matmul for up to ``max_rows`` bf16 rows where it keeps them (``set_tinygemm``,
+    off by default, one row when on)."""
+    from peft_qalora.kernels import int4_tinygemm
 
-    set_tinygemm(True)
+    saved = int4_tinygemm.TINYGEMM_MAX_ROWS
+    int4_tinygemm.set_tinygemm(True, max_rows=max_rows)
     try:
         yield
     finally:
-        set_tinygemm(False)
+        int4_tinygemm.set_tinygemm(False, max_rows=saved)
 
 
 def tinygemm_forward(layer, x):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -57,16 +58,17 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
         if "unmerged" in wanted:
             models[SERVE_MODELS["unmerged"]] = unmerged
     contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}  # how a model generates, if not plainly
-    if wanted & {"merged", "merged-tinygemm"}:
+    if wanted & {"merged", "merged-tinygemm", "merged-tinygemm16"}:
         merge_source = peft.get_peft_model(load_gptq(path, "gptq_triton", args), adapter_config)
         randomize_adapter(merge_source)
         merged = merge_source.merge_and_unload()
         del merge_source
         if "merged" in wanted:
             models[SERVE_MODELS["merged"]] = merged
-        if "merged-tinygemm" in wanted:  # the same model, its one-row calls through tinygemm
-            models[SERVE_MODELS["merged-tinygemm"]] = merged
-            contexts[SERVE_MODELS["merged-tinygemm"]] = tinygemm_enabled
+        for name, max_rows in (("merged-tinygemm", 1), ("merged-tinygemm16", 16)):
+            if name in wanted:  # the same model, its small calls through tinygemm
+                models[SERVE_MODELS[name]] = merged
+                contexts[SERVE_MODELS[name]] = functools.partial(tinygemm_enabled, max_rows)
     if "bf16" in wanted:
         models[SERVE_MODELS["bf16"]] = bf16_model(config, args)
     for m in models.values():
