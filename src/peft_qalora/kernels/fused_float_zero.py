@@ -227,6 +227,38 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
     return config
 
 
+def _cdiv(a, b):
+    # not triton.cdiv: a Triton constexpr function, whose call costs microseconds on every launch (Triton 3.8)
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(
+    bucket: int, in_features: int, out_features: int, block_k: int, processors: int, dtype: torch.dtype, bits: int
+) -> tuple[int, int, int, dict]:
+    """``(split_k, BLOCK_M, BLOCK_N, kernel keywords)`` for the default tile: all of a call's Python but the launch."""
+    config = dict(_pick_config(bucket, in_features, out_features, block_k, processors))
+    split_k = config.pop("SPLIT_K")
+    code_bits, code_offset, fold = _code_format(dtype, bits)
+    kwargs = {"BITS": bits, "CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
+    return split_k, config["BLOCK_M"], config["BLOCK_N"], kwargs
+
+
+def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
+    """The launch plan for a caller's tile (benchmarks, tests): K blocks may never span two groups."""
+    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, **config}
+    config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
+    if _INTERPRET:
+        config.pop("num_warps", None)
+        config.pop("num_stages", None)
+    split_k = config.pop("SPLIT_K")
+    code_bits, code_offset, fold = _code_format(dtype, bits)
+    code_bits = config.pop("CODE_BITS", code_bits)  # a benchmark may ask for converted codes (0)
+    code_offset, fold = config.pop("CODE_OFFSET", code_offset), config.pop("FOLD_OFFSET", fold)
+    kwargs = {"BITS": bits, "CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
+    return split_k, config["BLOCK_M"], config["BLOCK_N"], kwargs
+
+
 def _launch(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -244,47 +276,25 @@ def _launch(
         # the tile depends on the rows through their bucket only: under torch.compile ``rows`` may be symbolic, and
         # these comparisons become guards (one graph per bucket), where hashing it would fail
         bucket = 1 if rows == 1 else 16 if rows <= 16 else 32 if rows <= 32 else 64
-        config = _pick_config(bucket, in_features, out_features, block_k, _multiprocessors(x.device.index or 0))
-    else:  # a caller's tile (benchmarks, tests): K blocks may never span two groups
-        config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, **config}
-        config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
-        if _INTERPRET:
-            config.pop("num_warps", None)
-            config.pop("num_stages", None)
-    config = dict(config)
-    split_k = config.pop("SPLIT_K")
-    code_bits, code_offset, fold = _code_format(x.dtype, bits)
-    code_bits = config.pop("CODE_BITS", code_bits)  # a benchmark may ask for converted codes (0)
-    code_offset, fold = config.pop("CODE_OFFSET", code_offset), config.pop("FOLD_OFFSET", fold)
+        processors = _multiprocessors(x.device.index or 0)
+        plan = _launch_plan(bucket, in_features, out_features, block_k, processors, x.dtype, bits)
+    else:
+        plan = _caller_plan(config, block_k, x.dtype, bits)
+    split_k, block_m, block_n, kwargs = plan
     if split_k == 1:
         out = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
     else:
         out = torch.empty((split_k, rows, out_features), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(out_features, config["BLOCK_N"]), triton.cdiv(rows, config["BLOCK_M"]), split_k)
+    grid = (_cdiv(out_features, block_n), _cdiv(rows, block_m), split_k)
     wrap(_float_zero_mm_kernel)[grid](
-        x,
-        qweight,
-        scales,
-        zeros,
-        out,
-        rows,
-        out_features,
-        in_features,
-        group_size,
-        split_k,
-        x.stride(0),
-        BITS=bits,
-        CODE_BITS=code_bits,
-        CODE_OFFSET=code_offset,
-        FOLD_OFFSET=fold,
-        **config,
+        x, qweight, scales, zeros, out, rows, out_features, in_features, group_size, split_k, x.stride(0), **kwargs
     )
     if split_k == 1:
         return out
     total = rows * out_features
     result = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
     block = 1024
-    wrap(_sum_splits_kernel)[(triton.cdiv(total, block),)](out, result, total, SPLIT_K=split_k, BLOCK=block)
+    wrap(_sum_splits_kernel)[(_cdiv(total, block),)](out, result, total, SPLIT_K=split_k, BLOCK=block)
     return result
 
 
