@@ -110,7 +110,8 @@ def test_fused_kernel_matches_fp64_reference_on_cuda():
 
 
 def test_fused_kernel_declines_what_it_does_not_cover():
-    """Act-order, fp32 activations, 3-bit codes and more than FUSED_MAX_ROWS rows return None (caller falls back)."""
+    """Act-order, fp32 activations, 3-bit codes, more than FUSED_MAX_ROWS rows and inputs that need a gradient return
+    None (the caller falls back)."""
     _interpret(
         """
         import torch
@@ -136,6 +137,10 @@ def test_fused_kernel_declines_what_it_does_not_cover():
         assert float_zero_gemm(layer(bits=3), x) is None
         assert float_zero_gemm(layer(), torch.randn(FUSED_MAX_ROWS + 1, 256).half()) is None
         assert float_zero_gemm(layer(), torch.randn(FUSED_MAX_ROWS + 1, 256).half(), max_rows=None) is not None
+        # an input that needs its gradient: the op has no backward, the dequantize + matmul path has
+        assert float_zero_gemm(layer(), x.clone().requires_grad_()) is None
+        with torch.no_grad():
+            assert float_zero_gemm(layer(), x.clone().requires_grad_()) is not None
         print("ok")
         """
     )

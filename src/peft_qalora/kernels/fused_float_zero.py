@@ -20,7 +20,8 @@ merged layer at decoding sizes".
 
 Applies to 2/4/8-bit codes, fp16/bf16 activations on CUDA, groups contiguous along the input (no act-order), any
 group size whose largest power-of-two divisor up to 128 is at least 16, and a last group shorter than the others
-(masked). Elsewhere :func:`float_zero_gemm` returns ``None`` and the caller takes another path. It is registered as
+(masked), for inputs that need no gradient (the kernel has no backward). Elsewhere :func:`float_zero_gemm` returns
+``None`` and the caller takes another path. It is registered as
 the custom op ``torch.ops.peft_qalora.float_zero_mm`` (``torch.library.triton_op``), so ``torch.compile`` traces
 through it with no graph break and CUDA graphs capture its launch.
 """
@@ -323,6 +324,7 @@ def fused_supported(layer: nn.Module, x: torch.Tensor, max_rows: int | None = -1
         and (limit is None or rows <= limit)
         and (x.is_cuda or _INTERPRET)
         and x.dtype in (torch.float16, torch.bfloat16)
+        and not (x.requires_grad and torch.is_grad_enabled())  # no backward: dequantize + matmul has one
         and layer.qweight.device == x.device
         and _layout_group_size(layer) > 0
     )

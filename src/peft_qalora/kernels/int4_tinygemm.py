@@ -121,6 +121,7 @@ def tinygemm_supported(layer: nn.Module, x: torch.Tensor) -> bool:
         and x.dtype == torch.bfloat16
         and layer.qweight.device == x.device
         and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and x.requires_grad)  # the int4 op has no backward
         and _device_has_tinygemm(x.device.index or 0)
     ):
         return False
