@@ -37,9 +37,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality  # noqa: E402  (imports the example first, which sets the environment before torch)
+import quality_bench  # noqa: E402  (imports the example first, which sets the environment before torch)
 import torch  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
+from quality_bench.common import PROJECTIONS, Setup, free, prepare, quiet_stdout, score, train  # noqa: E402
 from transformers import AutoModelForCausalLM, GPTQConfig, set_seed  # noqa: E402
 
 import peft_qalora  # noqa: E402
@@ -47,7 +48,7 @@ from peft_qalora import layer as qalora_layer  # noqa: E402
 from peft_qalora.float_zero_linear import FloatZeroGPTQLinear  # noqa: E402
 from peft_qalora.gptq import unpack_qweight  # noqa: E402
 
-example = quality.example
+example = quality_bench.example
 logger = logging.getLogger("bf16_exactness")
 
 
@@ -143,14 +144,14 @@ def fp32_adapter_branch() -> Iterator[None]:
 
 
 def load_unmerged(base_dir: Path, adapter_dir: Path, bits: int, dtype: torch.dtype) -> PeftModel:
-    with quality.quiet_stdout():
+    with quiet_stdout():
         base = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=dtype, quantization_config=GPTQConfig(bits=bits, backend="gptq_torch")
         )
     return PeftModel.from_pretrained(base, adapter_dir)
 
 
-def trained_adapter(args: argparse.Namespace, setup: quality.Setup, base_dir: Path) -> tuple[Path, Path]:
+def trained_adapter(args: argparse.Namespace, setup: Setup, base_dir: Path) -> tuple[Path, Path]:
     """The adapter and its float-zero merge (trained and merged here unless ``--out`` holds them from a run before)."""
     adapter_dir, merged_dir = setup.work / "qalora-adapter", setup.work / "qalora-merged-float"
     if adapter_dir.is_dir() and merged_dir.is_dir():
@@ -158,21 +159,19 @@ def trained_adapter(args: argparse.Namespace, setup: quality.Setup, base_dir: Pa
         return adapter_dir, merged_dir
     set_seed(args.seed)
     model = example.load_gptq_model(base_dir, args.bits, setup.device)
-    config = peft_qalora.QALoraConfig(
-        r=args.r, lora_alpha=args.r, target_modules=quality.PROJECTIONS, task_type="CAUSAL_LM"
-    )
+    config = peft_qalora.QALoraConfig(r=args.r, lora_alpha=args.r, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
-    quality.train(model, setup, args, f"QA-LoRA {args.bits}-bit")
+    train(model, setup, args, f"QA-LoRA {args.bits}-bit")
     model.save_pretrained(adapter_dir)
     model.merge_and_unload().save_pretrained(merged_dir)
     del model
-    quality.free()
+    free()
     return adapter_dir, merged_dir
 
 
 def run(args: argparse.Namespace, work: Path) -> list[tuple[str, str, float]]:
-    setup = quality.prepare(args, work)
-    with quality.quiet_stdout():
+    setup = prepare(args, work)
+    with quiet_stdout():
         base_dir = setup.base_dir(args.bits, args.group_size)
     adapter_dir, merged_dir = trained_adapter(args, setup, base_dir)
     bf16 = torch.bfloat16
@@ -207,11 +206,11 @@ def run(args: argparse.Namespace, work: Path) -> list[tuple[str, str, float]]:
     for dtype_name, label, load, arithmetic in variants:
         model = load()
         with arithmetic(), torch.no_grad():
-            ppl = quality.score(model, setup, args, f"{dtype_name} {label}")
+            ppl = score(model, setup, args, f"{dtype_name} {label}")
         logger.info("ROW %s %s: %.4f", dtype_name, label, ppl)
         rows.append((dtype_name, label, ppl))
         del model
-        quality.free()
+        free()
     return rows
 
 
