@@ -233,31 +233,33 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=256)
-def _launch_plan(
-    bucket: int, in_features: int, out_features: int, block_k: int, processors: int, dtype: torch.dtype, bits: int
-) -> tuple[int, int, int, dict]:
-    """``(split_k, BLOCK_M, BLOCK_N, kernel keywords)`` for the default tile: all of a call's Python but the launch."""
-    config = dict(_pick_config(bucket, in_features, out_features, block_k, processors))
-    split_k = config.pop("SPLIT_K")
-    code_bits, code_offset, fold = _code_format(dtype, bits)
-    kwargs = {"BITS": bits, "CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
-    return split_k, config["BLOCK_M"], config["BLOCK_N"], kwargs
-
-
-def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
-    """The launch plan for a caller's tile (benchmarks, tests): K blocks may never span two groups."""
-    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, **config}
-    config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
-    if _INTERPRET:
-        config.pop("num_warps", None)
-        config.pop("num_stages", None)
+def _plan(config: dict, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
+    """``(split_k, BLOCK_M, BLOCK_N, kernel keywords)`` from a tile: all of a call's Python but the launch."""
+    config = dict(config)
     split_k = config.pop("SPLIT_K")
     code_bits, code_offset, fold = _code_format(dtype, bits)
     code_bits = config.pop("CODE_BITS", code_bits)  # a benchmark may ask for converted codes (0)
     code_offset, fold = config.pop("CODE_OFFSET", code_offset), config.pop("FOLD_OFFSET", fold)
     kwargs = {"BITS": bits, "CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
     return split_k, config["BLOCK_M"], config["BLOCK_N"], kwargs
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(
+    bucket: int, in_features: int, out_features: int, block_k: int, processors: int, dtype: torch.dtype, bits: int
+) -> tuple[int, int, int, dict]:
+    """The plan for the default tile, cached: decoding asks once per layer call."""
+    return _plan(_pick_config(bucket, in_features, out_features, block_k, processors), dtype, bits)
+
+
+def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
+    """The plan for a caller's tile (benchmarks, tests): K blocks may never span two groups."""
+    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, **config}
+    config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
+    if _INTERPRET:
+        config.pop("num_warps", None)
+        config.pop("num_stages", None)
+    return _plan(config, dtype, bits)
 
 
 def _launch(
