@@ -13,9 +13,10 @@ cuBLAS path rounds it above 64 rows.
 Why: one C++ op per layer call, where the fused Triton kernel makes two Triton launches (eager decoding is bound by
 the CPU's launches: benchmarks/results/gpu.md, issue 14), and on an H200 (run 8, CUDA-graph replays from HBM)
 6.8 / 14.8 / 15.1 us at one row for 7B q / gate / down projections against Marlin's 9.7 / 13.1 / 15.3 (run 9) and the
-fused kernel's 11.2 / 20.0 / 20.2; at 16 rows it takes 22 / 55 / 53 us, slower than the fused kernel, so it is for
-one row only. In held-out perplexity it changes the merged model as much as the dequantize + cuBLAS path does
-(benchmarks/results/bf16_exactness_cpu.md: +0.149% and +0.125% from the fp32 model, emulated on the CPU).
+fused kernel's 11.2 / 20.0 / 20.2; at 16 rows it takes 22 / 55 / 53 us, slower than the fused kernel, so by default
+it takes one row (``max_rows`` raises that: eager decoding at 16 rows may still gain from one launch). What it costs:
+the bf16 scales move the merged model's held-out perplexity by +0.155% from the fp32 model, where the fused kernel's
+arithmetic moves it by -0.012% (benchmarks/results/bf16_exactness_cpu.md, 16,384 tokens, emulated on the CPU).
 
 Off by default (:func:`set_tinygemm`) until generation with it is measured on a GPU. The operands are a second copy of
 the codes in tinygemm's tiled layout plus bf16 scales and offsets (a 7B model: about 3.4 GB more), built on a layer's
