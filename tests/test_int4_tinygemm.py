@@ -39,6 +39,11 @@ def merged_layer(in_features=256, out_features=64, group_size=32, zero_points=No
     return layer, codes, scales, zeros, g
 
 
+def inputs(rows: int, columns: int, seed: int = 0) -> torch.Tensor:
+    """bf16 activations from their own generator: the bounds below must not depend on the tests run before."""
+    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
 def test_tinygemm_matches_fp64_reference_of_its_arithmetic():
     """Output = x @ ((q - 8) * bf16(s) + bf16(s (8 - z'))) up to output rounding; the exact weight within bf16's."""
     layer, codes, scales, zeros, g = merged_layer()
@@ -48,7 +53,7 @@ def test_tinygemm_matches_fp64_reference_of_its_arithmetic():
     ]
     exact_weight = (codes.double() - zeros.double()[g]) * s[g]
     for rows in (1, 3):
-        x = torch.randn(rows, 256).bfloat16()
+        x = inputs(rows, 256)
         out = tinygemm_matmul(layer, x)
         assert out.dtype == torch.bfloat16 and out.shape == (rows, 64)
         magnitude = x.double().abs() @ exact_weight.abs()
@@ -61,8 +66,9 @@ def test_tinygemm_matches_fp64_reference_of_its_arithmetic():
 
 def test_tinygemm_keeps_the_adapter_shift():
     """The adapter's shift survives: nearer the merged layer's exact output than the base's output."""
-    layer, codes, scales, zeros, g = merged_layer(in_features=1024, out_features=128, group_size=128, shift=0.05)
-    x = torch.randn(8, 1024).bfloat16()
+    # a shift large enough that its effect on the outputs stands well above their bf16 rounding
+    layer, codes, scales, zeros, g = merged_layer(in_features=1024, out_features=128, group_size=128, shift=0.2)
+    x = inputs(8, 1024)
     out = tinygemm_matmul(layer, x).double()
     exact = x.double() @ ((codes.double() - zeros.double()[g]) * scales.double()[g])
     base = x.double() @ ((codes.double() - 8) * scales.double()[g])
@@ -86,7 +92,7 @@ def test_offset_check_takes_symmetric_bases_and_refuses_others():
 
 def test_tinygemm_is_off_by_default_and_never_takes_cpu_inputs():
     layer, *_ = merged_layer()
-    x = torch.randn(1, 256).bfloat16()
+    x = inputs(1, 256)
     assert not int4_tinygemm._ENABLED
     try:
         set_tinygemm(True)
@@ -98,7 +104,7 @@ def test_tinygemm_is_off_by_default_and_never_takes_cpu_inputs():
 def test_operands_follow_new_zeros():
     """The cached operands are rebuilt when the zeros are reassigned (a merge or unmerge on the same layer)."""
     layer, codes, scales, zeros, g = merged_layer()
-    x = torch.randn(1, 256).bfloat16()
+    x = inputs(1, 256)
     before = tinygemm_matmul(layer, x)
     assert "tinygemm" in layer._kernel_cache
     layer.zeros = zeros + 0.5
@@ -116,7 +122,7 @@ def test_tinygemm_on_cuda_through_the_layer():
     asymmetric, *_ = merged_layer(in_features=1024, out_features=256, group_size=128, zero_points=zero_points)
     layer, asymmetric = layer.cuda(), asymmetric.cuda()
     exact_weight = (codes.double() - zeros.double()[g]) * scales.double()[g]
-    x = torch.randn(1, 1024, device="cuda").bfloat16()
+    x = inputs(1, 1024).cuda()
     try:
         set_tinygemm(True)
         out = layer(x)
@@ -125,6 +131,6 @@ def test_tinygemm_on_cuda_through_the_layer():
         assert (out.double().cpu() - exact).norm() / exact.norm() < 4e-3
         asymmetric(x)
         assert asymmetric._kernel_cache.get("tinygemm_fits") is False and "tinygemm" not in asymmetric._kernel_cache
-        layer(torch.randn(2, 1024, device="cuda").bfloat16())  # two rows: the fused kernel
+        layer(inputs(2, 1024).cuda())  # two rows: the fused kernel
     finally:
         set_tinygemm(False)
