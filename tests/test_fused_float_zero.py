@@ -109,6 +109,62 @@ def test_fused_kernel_matches_fp64_reference_on_cuda():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+# The split-K sums added by the last program of each tile (one launch) against the second kernel: the same fp32
+# additions in the same order, so the same bits; and the tile counters back at zero for the next call.
+_SUM_IN_KERNEL = """
+import torch
+from peft_qalora import FloatZeroGPTQLinear
+from peft_qalora.gptq import pack_qweight
+from peft_qalora.kernels import float_zero_gemm, set_fused_gemm
+from peft_qalora.kernels import fused_float_zero
+
+device = "{device}"
+torch.manual_seed(0)
+K, N, gs = 1024, 96, 128
+layer = FloatZeroGPTQLinear(4, gs, K, N)
+layer.qweight = pack_qweight(torch.randint(0, 16, (K, N)), 4)
+layer.scales = (torch.rand(K // gs, N) * 0.02 + 0.001).half()
+layer.zeros = 8 + torch.randn(K // gs, N) * 0.01
+layer = layer.to(device)
+split = {{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "STEPS": 2, "SPLIT_K": 2}}
+cases = [(1, dict(split, BLOCK_M=1)), (3, split), (1, dict(split, BLOCK_M=1, SPLIT_K=3)), (5, dict(split, SPLIT_K=4))]
+for rows, config in cases:
+    for _ in range({repeats}):
+        # new inputs every time, and the one-launch call first: partial sums a previous call left in reused memory
+        # must not be able to stand in for this call's
+        x = torch.randn(rows, K).half().to(device)
+        one_kernel = float_zero_gemm(layer, x, dict(config, SUM_IN_KERNEL=True))
+        two_kernels = float_zero_gemm(layer, x, config)
+        assert torch.equal(one_kernel, two_kernels), (rows, config, (one_kernel - two_kernels).abs().max())
+    assert fused_float_zero._COUNTERS and all(int(c.abs().sum()) == 0 for c in fused_float_zero._COUNTERS.values())
+set_fused_gemm(True, sum_in_kernel=True)  # the default tiles, through the switch
+x = torch.randn(1, K).half().to(device)
+default = float_zero_gemm(layer, x)
+set_fused_gemm(True, sum_in_kernel=False)
+assert torch.equal(default, float_zero_gemm(layer, x))
+print("ok")
+"""
+
+
+def test_split_sums_in_kernel_equal_the_second_kernel():
+    """SUM_IN_KERNEL: the last program of a tile adds the split-K partial sums; bit for bit the two-kernel result."""
+    _interpret(_SUM_IN_KERNEL.format(device="cpu", repeats=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_split_sums_in_kernel_equal_the_second_kernel_on_cuda():
+    """On the GPU, where the programs of a tile run at once: many calls, every one bit for bit (a race would differ)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _SUM_IN_KERNEL.format(device="cuda", repeats=200)],
+        check=False,
+        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 def test_fused_kernel_declines_what_it_does_not_cover():
     """Act-order, fp32 activations, 3-bit codes, more than FUSED_MAX_ROWS rows and inputs that need a gradient return
     None (the caller falls back)."""

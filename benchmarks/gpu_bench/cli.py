@@ -22,6 +22,7 @@ KERNEL_BACKENDS = ("gptq_torch", "gptq_triton", "auto", "gptq_exllama_v2", "gptq
 SERVE_MODELS = {
     "marlin": "GPTQ base on Marlin (`gptq_marlin`)",
     "merged": "merged (FloatZeroGPTQLinear, fused kernel)",
+    "merged-one-launch": "merged, split-K summed in the kernel (`set_fused_gemm(sum_in_kernel=True)`, eager only)",
     "merged-tinygemm": "merged, one row through tinygemm (`set_tinygemm(True)`, eager only)",
     "merged-tinygemm16": "merged, up to 16 rows through tinygemm (`set_tinygemm(True, max_rows=16)`, eager only)",
     "unmerged": "unmerged adapter on its base (`gptq_triton`, TritonV2Linear)",

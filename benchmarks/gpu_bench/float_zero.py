@@ -1,8 +1,9 @@
 # Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
 """Switches over the merged ``FloatZeroGPTQLinear`` forward, so that one process can time and compare its paths:
 ``float_zero_path`` picks the Triton or the torch dequantize, ``torch_float_zero_forward`` runs one call through the
-torch one, ``tinygemm_forward`` runs one call with ``set_tinygemm(True)``, and ``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo it) dequantizes each layer once
-and keeps the bf16 weight, trading memory for speed.
+torch one, ``fused_one_launch`` has the fused kernel sum split K itself, ``tinygemm_enabled`` / ``tinygemm_forward``
+send small calls through torch's int4 matmul, and ``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo
+it) dequantizes each layer once and keeps the bf16 weight, trading memory for speed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def tinygemm_enabled(max_rows: int = 1):
         yield
     finally:
         int4_tinygemm.set_tinygemm(False, max_rows=saved)
+
+
+@contextlib.contextmanager
+def fused_one_launch():
+    """Merged layers' split-K calls sum their partials in the fused kernel itself (``sum_in_kernel``, off by default)."""
+    from peft_qalora.kernels import set_fused_gemm
+
+    set_fused_gemm(True, sum_in_kernel=True)
+    try:
+        yield
+    finally:
+        set_fused_gemm(True, sum_in_kernel=False)
 
 
 def tinygemm_forward(layer, x):

@@ -31,7 +31,7 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
     import peft
 
     import peft_qalora
-    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
+    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm, set_fused_gemm
     from peft_qalora.kernels.int4_tinygemm import tinygemm_matmul, tinygemm_offset_error, tinygemm_operands
 
     dtype = dtype_of(args)
@@ -57,6 +57,13 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
     randomize_adapter(adapted)
     adapted.eval()
     names = {"q_proj": "self_attn.q_proj", "gate_proj": "mlp.gate_proj", "down_proj": "mlp.down_proj"}
+
+    def one_launch(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        set_fused_gemm(True, sum_in_kernel=True)
+        try:
+            return float_zero_gemm(layer, x)
+        finally:
+            set_fused_gemm(True, sum_in_kernel=False)
 
     def every_layer(model: torch.nn.Module, short: str) -> list[torch.nn.Module]:
         return [model.get_submodule(f"model.layers.{i}.{names[short]}") for i in range(args.layers)]
@@ -96,6 +103,11 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
                 candidates[f"GPTQ base, {type(base[0]).__name__} (`{backend}`)"] = (lambda m: m(x), base)
             candidates["merged, dispatch (FloatZeroGPTQLinear.forward)"] = (lambda m: m(x), merged)
             candidates["merged, fused kernel"] = (lambda m: float_zero_gemm(m, x, max_rows=None), merged)
+            if rows <= 64:  # split K summed by the kernel's last program per tile: one launch per call
+                candidates["merged, fused kernel, one launch (set_fused_gemm(sum_in_kernel=True))"] = (
+                    lambda m: one_launch(m, x),
+                    merged,
+                )
             candidates["merged, Triton dequantize + cuBLAS"] = (lambda m: x @ dequantize_float_zeros(m, dtype), merged)
             if tinygemm and rows <= 16:
                 candidates["merged, tinygemm (torch int4 matmul)"] = (lambda m: tinygemm_matmul(m, x), merged)

@@ -21,7 +21,7 @@ import torch
 from .checkpoints import bf16_model, kernel_classes, load_gptq, randomize_adapter, write_random_gptq
 from .cli import PROJECTIONS, SERVE_MODELS
 from .common import RESULTS, dump, free_memory, log, logits, rel
-from .float_zero import tinygemm_enabled
+from .float_zero import fused_one_launch, tinygemm_enabled
 from .timing import Timer
 
 
@@ -58,17 +58,22 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
         if "unmerged" in wanted:
             models[SERVE_MODELS["unmerged"]] = unmerged
     contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}  # how a model generates, if not plainly
-    if wanted & {"merged", "merged-tinygemm", "merged-tinygemm16"}:
+    if wanted & {"merged", "merged-one-launch", "merged-tinygemm", "merged-tinygemm16"}:
         merge_source = peft.get_peft_model(load_gptq(path, "gptq_triton", args), adapter_config)
         randomize_adapter(merge_source)
         merged = merge_source.merge_and_unload()
         del merge_source
         if "merged" in wanted:
             models[SERVE_MODELS["merged"]] = merged
-        for name, max_rows in (("merged-tinygemm", 1), ("merged-tinygemm16", 16)):
-            if name in wanted:  # the same model, its small calls through tinygemm
+        variants = {
+            "merged-one-launch": fused_one_launch,
+            "merged-tinygemm": functools.partial(tinygemm_enabled, 1),
+            "merged-tinygemm16": functools.partial(tinygemm_enabled, 16),
+        }
+        for name, context in variants.items():
+            if name in wanted:  # the same model, its small calls taking another path
                 models[SERVE_MODELS[name]] = merged
-                contexts[SERVE_MODELS[name]] = functools.partial(tinygemm_enabled, max_rows)
+                contexts[SERVE_MODELS[name]] = context
     if "bf16" in wanted:
         models[SERVE_MODELS["bf16"]] = bf16_model(config, args)
     for m in models.values():

@@ -96,7 +96,7 @@ def run_tiles(args: argparse.Namespace) -> None:
     sweep) does not move them.
     """
     from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
-    from peft_qalora.kernels import fused_float_zero as fz
+    from peft_qalora.kernels import fused_tiles as fz
 
     dtype = dtype_of(args)
     for name, (k, n) in LAYER_SHAPES.items():

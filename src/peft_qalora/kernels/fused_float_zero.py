@@ -12,7 +12,7 @@ group ``g`` the scale and zero are constant, so
 The inner sum multiplies the activations by the integer codes, which bf16/fp16 hold exactly, on the tensor cores
 (``tl.dot``, fp32 accumulation), or for one row with fp32 multiply-adds; scale and zero are applied per group in
 fp32. Each packed word is loaded once and unpacked with shifts, and a code becomes a float by its bit pattern rather
-than a conversion (:func:`_code_format`). Programs that share K write fp32 partial sums, which a second kernel adds
+than a conversion (``fused_tiles._code_format``). Programs that share K write fp32 partial sums, which a second kernel adds
 in a fixed order. Nothing is rounded to 16 bits but the activations (as given) and the output: the fp32 zero keeps its
 full precision, where a 16-bit zero near 8 rounds by up to 0.004 steps (DESIGN.md, "The fold"), and the weight is
 never rounded either (the dequantize-then-matmul path rounds it once). Design and measurements: docs/design.md, "The
@@ -28,9 +28,6 @@ through it with no graph break and CUDA graphs capture its launch.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch import nn
 
@@ -42,18 +39,25 @@ try:  # Triton is optional: CPU installs may not have it
 except Exception:  # noqa: BLE001  # pragma: no cover - depends on the install
     _HAS_TRITON = False
 
+from .fused_tiles import _INTERPRET, _block_k, _caller_plan, _cdiv, _launch_plan, _multiprocessors
+
 # Up to this many rows the fused kernel runs; above it dequantize-then-cuBLAS (benchmarks/results/gpu.md, issue 14).
 FUSED_MAX_ROWS = 64
 _FUSED = True
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it at import too
+# Eager split-K calls add their partial sums inside the kernel (one launch) instead of in a second kernel. Off until
+# measured on a GPU (docs/design.md, "The merged layer at decoding sizes"); compiled graphs always take two kernels.
+_SUM_IN_KERNEL = False
 
 
-def set_fused_gemm(enabled: bool, max_rows: int | None = None) -> None:
-    """Turn the fused small-batch kernel on (default) or off, and optionally set the largest row count it takes."""
-    global _FUSED, FUSED_MAX_ROWS
+def set_fused_gemm(enabled: bool, max_rows: int | None = None, sum_in_kernel: bool | None = None) -> None:
+    """Turn the fused small-batch kernel on (default) or off, and optionally set the largest row count it takes and
+    whether eager calls that split K add the partial sums in the kernel itself (one launch per call; off by default)."""
+    global _FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL
     _FUSED = bool(enabled)
     if max_rows is not None:
         FUSED_MAX_ROWS = int(max_rows)
+    if sum_in_kernel is not None:
+        _SUM_IN_KERNEL = bool(sum_in_kernel)
 
 
 if _HAS_TRITON:
@@ -71,6 +75,8 @@ if _HAS_TRITON:
         group_size,
         split_k,
         stride_xm,
+        result_ptr,  # SUM_IN_KERNEL: (rows, N) in the activation dtype, which the last program of each tile writes
+        counter_ptr,  # SUM_IN_KERNEL: int32 per output tile, zero between calls (the last program resets it)
         BITS: tl.constexpr,
         CODE_BITS: tl.constexpr,  # != 0: a code becomes the 16-bit float CODE_OFFSET + q by bit pattern
         CODE_OFFSET: tl.constexpr,
@@ -80,6 +86,7 @@ if _HAS_TRITON:
         BLOCK_K: tl.constexpr,  # divides the group size: a K block never spans two groups
         STEPS: tl.constexpr,  # K blocks per loop iteration (more loads in flight)
         ROW_SUM_EACH_BLOCK: tl.constexpr,  # one row: reduce every K block instead of once at the end
+        SUM_IN_KERNEL: tl.constexpr,  # split K: the last program of a tile adds the partial sums (one launch)
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -150,8 +157,21 @@ if _HAS_TRITON:
                     acc += scale[None, :] * (part - x_sum[:, None] * zero[None, :])
         if BLOCK_M == 1:
             acc = (tl.sum(tl.sum(acc3, axis=1), axis=0) + acc_row)[None, :]
-        out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        offs_out = offs_m[:, None] * N + offs_n[None, :]
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        tl.store(out_ptr + pid_k * M * N + offs_out, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+        if SUM_IN_KERNEL:
+            # What _sum_splits_kernel does, without its launch: the program that finishes a tile last adds the
+            # tile's partial sums in split order (the same fp32 sums, so the same bits) and rounds them once.
+            tl.debug_barrier()  # every thread's partial sums are stored before the release below
+            tile = pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == split_k - 1:
+                total = tl.load(out_ptr + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
+                for s in range(1, split_k):
+                    total += tl.load(out_ptr + s * M * N + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
+                tl.store(result_ptr + offs_out, total.to(result_ptr.dtype.element_ty), mask=mask_out)
+                tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call
 
     @triton.jit
     def _sum_splits_kernel(partial_ptr, out_ptr, total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
@@ -164,102 +184,23 @@ if _HAS_TRITON:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_k(group_size: int) -> int:
-    """The largest power of two up to 128 that divides the group size (0 if below 16: tl.dot's minimum)."""
-    block = 128
-    while block >= 16:
-        if group_size % block == 0:
-            return block
-        block //= 2
-    return 0
+def _eager(kernel):
+    return kernel  # launch as is (``wrap_triton`` when traced)
 
 
-def _code_format(dtype: torch.dtype, bits: int) -> tuple[int, float, bool]:
-    """(bit pattern, offset, fold) that turn a code into a 16-bit float with bit operations instead of a convert.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
 
-    ``q | 0x4300`` read as bf16 is ``128 + q`` for ``q < 128`` (bf16 has 8 significant bits); ``q | 0x6400`` read as
-    fp16 is ``1024 + q`` for ``q < 1024``. For bf16 the offset comes out once per group (``x_sum * 128``: fp32
-    rounding of ~2e-5 relative to the group's sum, beside bf16's 4e-3 output rounding); for fp16 a fold would cost
-    ~2e-4, half of fp16's own rounding, so the offset is subtracted per code (exact). 8-bit codes in bf16 convert.
+
+def _tile_counters(device: torch.device, weight_address: int, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per output tile, for one layer's in-kernel split-K sums (the kernel re-zeroes them).
+
+    One set per layer's weight, so that layers running at once on different streams never share a counter.
     """
-    if dtype == torch.bfloat16:
-        return (0x4300, 128.0, True) if bits <= 4 else (0, 0.0, False)
-    return 0x6400, 1024.0, False
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count if torch.cuda.is_available() else 132
-
-
-@functools.lru_cache(maxsize=256)
-def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, processors: int = 132) -> dict:
-    """Tile, warps and split for ``rows`` (1, 16, 32 or 64: a bucket) x ``in_features`` @ ``out_features``.
-
-    From the sweeps of ``benchmarks/gpu.py --phases tiles`` on an H200 (benchmarks/results/gpu.md, issue 14): one row
-    runs fp32 multiply-adds 256 columns wide, summed per K block; up to 16 rows a 16x256 tensor-core tile; more a
-    64x64 tile (faster at 32 rows than a 32-row tile). Programs share K (``SPLIT_K``, at most 16) until there are
-    about 2 per multiprocessor.
-    """
-    if rows <= 16:
-        block_m, block_n = (1 if rows == 1 else 16), 256
-    else:
-        block_m, block_n = 64, 64
-    block_n = min(block_n, max(16, triton.next_power_of_2(out_features)))
-    steps = max(1, 128 // block_k)  # 128 channels per iteration for smaller groups too
-    tiles = triton.cdiv(out_features, block_n) * triton.cdiv(rows, block_m)
-    chunks = triton.cdiv(in_features, block_k * steps)
-    split_k = 1
-    target = 2 * processors
-    while split_k < 16 and split_k * 2 <= chunks and abs(tiles * split_k * 2 - target) <= abs(tiles * split_k - target):
-        split_k *= 2
-    # every constexpr passed explicitly: Inductor's wrapper of a user kernel misreads omitted defaults (static-cache
-    # generate at batch 16 failed with "launcher() missing ... '_grid_2'", benchmarks/results/gpu.md)
-    config = {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "BLOCK_K": block_k,
-        "STEPS": steps,
-        "SPLIT_K": split_k,
-        "ROW_SUM_EACH_BLOCK": rows == 1,
-    }
-    if not _INTERPRET:  # the interpreter knows no warps or stages
-        config.update(num_warps=4, num_stages=3)
-    return config
-
-
-def _cdiv(a, b):
-    # not triton.cdiv: a Triton constexpr function, whose call costs microseconds on every launch (Triton 3.8)
-    return -(-a // b)
-
-
-def _plan(config: dict, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
-    """``(split_k, BLOCK_M, BLOCK_N, kernel keywords)`` from a tile: all of a call's Python but the launch."""
-    config = dict(config)
-    split_k = config.pop("SPLIT_K")
-    code_bits, code_offset, fold = _code_format(dtype, bits)
-    code_bits = config.pop("CODE_BITS", code_bits)  # a benchmark may ask for converted codes (0)
-    code_offset, fold = config.pop("CODE_OFFSET", code_offset), config.pop("FOLD_OFFSET", fold)
-    kwargs = {"BITS": bits, "CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
-    return split_k, config["BLOCK_M"], config["BLOCK_N"], kwargs
-
-
-@functools.lru_cache(maxsize=256)
-def _launch_plan(
-    bucket: int, in_features: int, out_features: int, block_k: int, processors: int, dtype: torch.dtype, bits: int
-) -> tuple[int, int, int, dict]:
-    """The plan for the default tile, cached: decoding asks once per layer call."""
-    return _plan(_pick_config(bucket, in_features, out_features, block_k, processors), dtype, bits)
-
-
-def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
-    """The plan for a caller's tile (benchmarks, tests): K blocks may never span two groups."""
-    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, **config}
-    config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
-    if _INTERPRET:
-        config.pop("num_warps", None)
-        config.pop("num_stages", None)
-    return _plan(config, dtype, bits)
+    key = (device, weight_address, tiles)
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        counters = _COUNTERS[key] = torch.zeros(tiles, device=device, dtype=torch.int32)
+    return counters
 
 
 def _launch(
@@ -271,7 +212,8 @@ def _launch(
     group_size: int,
     out_features: int,
     config: dict | None,
-    wrap=lambda kernel: kernel,
+    wrap=_eager,
+    sum_in_kernel: bool = False,
 ) -> torch.Tensor:
     rows, in_features = x.shape
     block_k = _block_k(group_size)
@@ -284,14 +226,38 @@ def _launch(
     else:
         plan = _caller_plan(config, block_k, x.dtype, bits)
     split_k, block_m, block_n, kwargs = plan
+    sum_in_kernel = sum_in_kernel and split_k > 1
     if split_k == 1:
         out = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
     else:
         out = torch.empty((split_k, rows, out_features), device=x.device, dtype=torch.float32)
     grid = (_cdiv(out_features, block_n), _cdiv(rows, block_m), split_k)
+    if sum_in_kernel:
+        result = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
+        counters = _tile_counters(x.device, qweight.data_ptr(), grid[0] * grid[1])
+    elif wrap is _eager:
+        result = counters = out  # not read
+    else:  # traced: distinct (empty) tensors, so that no argument of the traced kernel aliases another
+        result, counters = x.new_empty(0), x.new_empty(0, dtype=torch.int32)
     wrap(_float_zero_mm_kernel)[grid](
-        x, qweight, scales, zeros, out, rows, out_features, in_features, group_size, split_k, x.stride(0), **kwargs
+        x,
+        qweight,
+        scales,
+        zeros,
+        out,
+        rows,
+        out_features,
+        in_features,
+        group_size,
+        split_k,
+        x.stride(0),
+        result,
+        counters,
+        SUM_IN_KERNEL=sum_in_kernel,
+        **kwargs,
     )
+    if sum_in_kernel:
+        return result
     if split_k == 1:
         return out
     total = rows * out_features
@@ -389,7 +355,8 @@ def float_zero_gemm(
     if config is None and torch.compiler.is_compiling():
         out = torch.ops.peft_qalora.float_zero_mm(*args)
     else:  # eager: launch directly, without the dispatcher's overhead per call
-        out = _launch(*args, layer.out_features, config)
+        sum_in_kernel = (config or {}).get("SUM_IN_KERNEL", _SUM_IN_KERNEL)
+        out = _launch(*args, layer.out_features, config, sum_in_kernel=sum_in_kernel)
     if layer.bias is not None:
         out = out + layer.bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], layer.out_features)

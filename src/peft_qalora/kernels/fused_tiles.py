@@ -1,0 +1,115 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""The fused float-zero kernel's tiles: which tile, split and code format a call of given shape launches with.
+
+Pure Python over the shapes (no tensors), from the sweeps of ``benchmarks/gpu.py --phases tiles`` on an H200
+(benchmarks/results/gpu.md, issue 14); cached per shape, because decoding asks once per layer call. The kernels and
+their launch are in :mod:`.fused_float_zero`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it at import too
+
+
+def _block_k(group_size: int) -> int:
+    """The largest power of two up to 128 that divides the group size (0 if below 16: tl.dot's minimum)."""
+    block = 128
+    while block >= 16:
+        if group_size % block == 0:
+            return block
+        block //= 2
+    return 0
+
+
+def _code_format(dtype: torch.dtype, bits: int) -> tuple[int, float, bool]:
+    """(bit pattern, offset, fold) that turn a code into a 16-bit float with bit operations instead of a convert.
+
+    ``q | 0x4300`` read as bf16 is ``128 + q`` for ``q < 128`` (bf16 has 8 significant bits); ``q | 0x6400`` read as
+    fp16 is ``1024 + q`` for ``q < 1024``. For bf16 the offset comes out once per group (``x_sum * 128``: fp32
+    rounding of ~2e-5 relative to the group's sum, beside bf16's 4e-3 output rounding); for fp16 a fold would cost
+    ~2e-4, half of fp16's own rounding, so the offset is subtracted per code (exact). 8-bit codes in bf16 convert.
+    """
+    if dtype == torch.bfloat16:
+        return (0x4300, 128.0, True) if bits <= 4 else (0, 0.0, False)
+    return 0x6400, 1024.0, False
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count if torch.cuda.is_available() else 132
+
+
+@functools.lru_cache(maxsize=256)
+def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, processors: int = 132) -> dict:
+    """Tile, warps and split for ``rows`` (1, 16, 32 or 64: a bucket) x ``in_features`` @ ``out_features``.
+
+    From the sweeps of ``benchmarks/gpu.py --phases tiles`` on an H200 (benchmarks/results/gpu.md, issue 14): one row
+    runs fp32 multiply-adds 256 columns wide, summed per K block; up to 16 rows a 16x256 tensor-core tile; more a
+    64x64 tile (faster at 32 rows than a 32-row tile). Programs share K (``SPLIT_K``, at most 16) until there are
+    about 2 per multiprocessor.
+    """
+    if rows <= 16:
+        block_m, block_n = (1 if rows == 1 else 16), 256
+    else:
+        block_m, block_n = 64, 64
+    block_n = min(block_n, max(16, 1 << (out_features - 1).bit_length()))
+    steps = max(1, 128 // block_k)  # 128 channels per iteration for smaller groups too
+    tiles = _cdiv(out_features, block_n) * _cdiv(rows, block_m)
+    chunks = _cdiv(in_features, block_k * steps)
+    split_k = 1
+    target = 2 * processors
+    while split_k < 16 and split_k * 2 <= chunks and abs(tiles * split_k * 2 - target) <= abs(tiles * split_k - target):
+        split_k *= 2
+    # every constexpr passed explicitly: Inductor's wrapper of a user kernel misreads omitted defaults (static-cache
+    # generate at batch 16 failed with "launcher() missing ... '_grid_2'", benchmarks/results/gpu.md)
+    config = {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "STEPS": steps,
+        "SPLIT_K": split_k,
+        "ROW_SUM_EACH_BLOCK": rows == 1,
+    }
+    if not _INTERPRET:  # the interpreter knows no warps or stages
+        config.update(num_warps=4, num_stages=3)
+    return config
+
+
+def _cdiv(a, b):
+    # not triton.cdiv: a Triton constexpr function, whose call costs microseconds on every launch (Triton 3.8)
+    return -(-a // b)
+
+
+def _plan(config: dict, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
+    """``(split_k, BLOCK_M, BLOCK_N, kernel keywords)`` from a tile: all of a call's Python but the launch."""
+    config = dict(config)
+    config.pop("SUM_IN_KERNEL", None)  # decided per call (eager or traced), not per tile
+    split_k = config.pop("SPLIT_K")
+    code_bits, code_offset, fold = _code_format(dtype, bits)
+    code_bits = config.pop("CODE_BITS", code_bits)  # a benchmark may ask for converted codes (0)
+    code_offset, fold = config.pop("CODE_OFFSET", code_offset), config.pop("FOLD_OFFSET", fold)
+    kwargs = {"BITS": bits, "CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
+    return split_k, config["BLOCK_M"], config["BLOCK_N"], kwargs
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(
+    bucket: int, in_features: int, out_features: int, block_k: int, processors: int, dtype: torch.dtype, bits: int
+) -> tuple[int, int, int, dict]:
+    """The plan for the default tile, cached: decoding asks once per layer call."""
+    return _plan(_pick_config(bucket, in_features, out_features, block_k, processors), dtype, bits)
+
+
+def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
+    """The plan for a caller's tile (benchmarks, tests): K blocks may never span two groups."""
+    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, **config}
+    config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
+    if _INTERPRET:
+        config.pop("num_warps", None)
+        config.pop("num_stages", None)
+    return _plan(config, dtype, bits)
