@@ -31,7 +31,6 @@ import contextlib
 import logging
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,7 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_bench  # noqa: E402  (imports the example first, which sets the environment before torch)
 import torch  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
-from quality_bench.common import PROJECTIONS, Setup, free, prepare, quiet_stdout, score, train  # noqa: E402
+from quality_bench.common import (
+    PROJECTIONS,
+    Setup,
+    configure,
+    free,
+    prepare,
+    quiet_stdout,
+    score,
+    train,
+    work_folder,
+)  # noqa: E402
 from transformers import AutoModelForCausalLM, GPTQConfig, set_seed  # noqa: E402
 
 import peft_qalora  # noqa: E402
@@ -239,19 +248,11 @@ def render(rows: list[tuple[str, str, float]], args: argparse.Namespace, argv: l
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("gptqmodel", "transformers", "optimum", "peft_qalora"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure(args.threads)
     start = time.perf_counter()
     try:
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            rows = run(args, args.out.resolve())
-        else:
-            with tempfile.TemporaryDirectory(prefix="qalora-bf16-") as work:
-                rows = run(args, Path(work))
+        with work_folder(args.out, "qalora-bf16-") as work:
+            rows = run(args, work)
     except example.JobError as exc:
         logger.error("%s", exc)
         return 2

@@ -45,9 +45,7 @@ rows in order). This file is the command: ``main()`` runs the job and prints the
 
 from __future__ import annotations
 
-import logging
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,29 +54,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the quality_bench package beside this file
 import finetune_merge_export as example
-import torch
 from quality_bench.cli import parse_args
-from quality_bench.common import logger, quiet_stdout
+from quality_bench.common import configure, logger, quiet_stdout, work_folder
 from quality_bench.job import run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("gptqmodel", "transformers", "optimum", "peft_qalora"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure(args.threads)
     with quiet_stdout():
         import gptqmodel  # noqa: F401  (prints a banner on import)
     try:
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            results = run(args, argv, args.out.resolve())
-        else:
-            with tempfile.TemporaryDirectory(prefix="qalora-quality-") as work:
-                results = run(args, argv, Path(work))
+        with work_folder(args.out, "qalora-quality-") as work:
+            results = run(args, argv, work)
     except example.JobError as exc:
         logger.error("%s", exc)
         return 2

@@ -17,8 +17,9 @@ from peft_qalora.kernels.fused_float_zero import _HAS_TRITON
 pytestmark = pytest.mark.skipif(not _HAS_TRITON, reason="Triton is not installed")
 
 
-def _interpret(script: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHDYNAMO_DISABLE": "1"}
+def _run_script(script: str, interpret: bool) -> None:
+    """Run ``script`` in a fresh process (in Triton's interpreter, or compiled for the GPU); it must print "ok"."""
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", **({"TRITON_INTERPRET": "1"} if interpret else {})}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
         check=False,
@@ -28,6 +29,10 @@ def _interpret(script: str) -> None:
         timeout=600,
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def _interpret(script: str) -> None:
+    _run_script(script, interpret=True)
 
 
 # Run in the interpreter (CPU) and on CUDA: the layers, the reference and the bound, as a script.
@@ -98,15 +103,7 @@ def test_fused_kernel_matches_fp64_reference():
 def test_fused_kernel_matches_fp64_reference_on_cuda():
     """The same cases compiled for the GPU, bf16 tensor-core tiles included (the interpreter cannot run those)."""
     dtypes = "def dtypes_for(rows):\n    return (torch.bfloat16, torch.float16)"
-    result = subprocess.run(
-        [sys.executable, "-c", _MATCHES_FP64.format(device="cuda", dtypes=dtypes)],
-        check=False,
-        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    _run_script(_MATCHES_FP64.format(device="cuda", dtypes=dtypes), interpret=False)
 
 
 # The split-K sums added by the last program of each tile (one launch) against the second kernel: the same fp32
@@ -154,15 +151,7 @@ def test_split_sums_in_kernel_equal_the_second_kernel():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_split_sums_in_kernel_equal_the_second_kernel_on_cuda():
     """On the GPU, where the programs of a tile run at once: many calls, every one bit for bit (a race would differ)."""
-    result = subprocess.run(
-        [sys.executable, "-c", _SUM_IN_KERNEL.format(device="cuda", repeats=200)],
-        check=False,
-        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    _run_script(_SUM_IN_KERNEL.format(device="cuda", repeats=200), interpret=False)
 
 
 def test_fused_kernel_declines_what_it_does_not_cover():

@@ -13,6 +13,7 @@ import gc
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,6 +93,26 @@ def free(*models: object) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def configure(threads: int) -> None:
+    """The benchmarks' logging (timestamps; the libraries' own INFO chatter off) and torch's CPU threads (0: default)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("gptqmodel", "transformers", "optimum", "peft_qalora"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def work_folder(out: Path | None, prefix: str) -> Iterator[Path]:
+    """Where a run keeps its adapters and merged models: ``--out`` (created, kept) or a temporary folder."""
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        yield out.resolve()
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as work:
+            yield Path(work)
 
 
 @contextlib.contextmanager
