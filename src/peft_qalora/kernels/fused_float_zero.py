@@ -355,7 +355,7 @@ def float_zero_gemm(
     if config is None and torch.compiler.is_compiling():
         out = torch.ops.peft_qalora.float_zero_mm(*args)
     else:  # eager: launch directly, without the dispatcher's overhead per call
-        sum_in_kernel = (config or {}).get("SUM_IN_KERNEL", _SUM_IN_KERNEL)
+        sum_in_kernel = _SUM_IN_KERNEL if config is None else config.get("SUM_IN_KERNEL", _SUM_IN_KERNEL)
         out = _launch(*args, layer.out_features, config, sum_in_kernel=sum_in_kernel)
     if layer.bias is not None:
         out = out + layer.bias.to(out.dtype)
