@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=.whl
 WHEELS=(transformers peft optimum gguf accelerate tokenizers safetensors huggingface_hub hf-xet regex pyyaml
-        threadpoolctl typer pytest pluggy iniconfig)
+        threadpoolctl typer pytest pluggy iniconfig httpx2 httpcore2 truststore)
 PURE=(gptqmodel gptqmodel_ext defuser logbar tokenicer device_smi)
 
 version() { "$PYTHON" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }

@@ -12,8 +12,8 @@ from peft_qalora import FloatZeroGPTQLinear
 from peft_qalora.gptq import pack_qweight
 from peft_qalora.kernels import int4_tinygemm
 from peft_qalora.kernels.int4_tinygemm import (
-    OFFSET_TOLERANCE,
     set_tinygemm,
+    tinygemm_keeps_shift,
     tinygemm_matmul,
     tinygemm_offset_error,
     tinygemm_supported,
@@ -76,12 +76,18 @@ def test_tinygemm_keeps_the_adapter_shift():
 
 
 def test_offset_check_takes_symmetric_bases_and_refuses_others():
-    """bf16 offsets keep a symmetric base's merge (2^-9 of the shift); other integer zeros lose more than a shift."""
-    symmetric, *_ = merged_layer()
-    assert tinygemm_offset_error(symmetric) <= OFFSET_TOLERANCE
+    """bf16 offsets keep a symmetric base's merge (2^-8 of the shift); other integer zeros lose more than a shift."""
+    for shift in (0.01, 0.1):  # a trained adapter's size, and ten times it (still under half a step)
+        symmetric, _, scales, zeros, _ = merged_layer(shift=shift)
+        shift_steps = (8 - zeros.double()).abs()
+        assert tinygemm_keeps_shift(symmetric)
+        offsets = scales.double() * (8 - zeros.double())
+        rounded = offsets.bfloat16().double()
+        assert ((rounded - offsets).abs() / scales.double() <= 2.0**-8 * shift_steps + 1e-12).all()
     zero_points = torch.randint(3, 13, (8, 64), generator=torch.Generator().manual_seed(1))
     asymmetric, *_ = merged_layer(zero_points=zero_points)
-    assert tinygemm_offset_error(asymmetric) > 10 * OFFSET_TOLERANCE
+    assert not tinygemm_keeps_shift(asymmetric)
+    assert tinygemm_offset_error(asymmetric) > 1e-3  # ten times a small trained shift's 0.4%
     assert int4_tinygemm._layout_fits(symmetric)
     act_order, *_ = merged_layer()
     act_order.g_idx = act_order.g_idx[torch.randperm(256)]

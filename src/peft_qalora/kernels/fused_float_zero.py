@@ -44,8 +44,10 @@ from .fused_tiles import _INTERPRET, _block_k, _caller_plan, _cdiv, _launch_plan
 # Up to this many rows the fused kernel runs; above it dequantize-then-cuBLAS (benchmarks/results/gpu.md, issue 14).
 FUSED_MAX_ROWS = 64
 _FUSED = True
-# Eager split-K calls add their partial sums inside the kernel (one launch) instead of in a second kernel. Off until
-# measured on a GPU (docs/design.md, "The merged layer at decoding sizes"); compiled graphs always take two kernels.
+# Eager split-K calls may add their partial sums inside the kernel (one launch) instead of in a second kernel. Off:
+# faster on an H200 (7B eager decoding 24.7 -> 26.0 tokens/s at batch 1, 427 -> 478 at 16), but with it on, the merged
+# model's 64-row logits moved 0.25 from the unmerged model's, against 0.0043 with two kernels (benchmarks/results/
+# gpu.md, runs 12 and 14): a fault at some shape the small CUDA test does not reach. Compiled graphs take two kernels.
 _SUM_IN_KERNEL = False
 
 

@@ -4,11 +4,13 @@
 tinygemm computes ``w = (q - 8) * scale + offset`` per group with bf16 scales and offsets, one bf16 multiply-add per
 weight, fp32 sums. A merged layer's weight is ``s * (q - z') = (q - 8) * s + s * (8 - z')``, so its offset is
 ``s * (8 - z')``. On a symmetric base (integer zero 8, what GPTQModel writes by default) that is the adapter's shift
-``s * (z - z')`` alone, which bf16 holds to 2^-9 of itself; on other integer zeros it is up to 8 steps, which bf16
-would round by up to 0.016 steps, more than an adapter's whole shift. :func:`tinygemm_offset_error` measures the
-rounding per layer, once, and layers above ``OFFSET_TOLERANCE`` keep the fused kernel. The scale rounds from fp16 to
-bf16, as GPTQModel's Marlin rounds it for bf16 activations, and each weight rounds to bf16 once, as the dequantize +
-cuBLAS path rounds it above 64 rows.
+``s * (8 - z')`` alone, which bf16 rounds by at most 2^-8 of itself (8 significant bits), so the adapter's shift
+survives to 0.4% of itself; on other integer zeros the offset is up to 8 steps, which bf16 would round by up to 0.016
+steps, more than an adapter's whole shift. So tinygemm takes a layer only where every merged zero lies within half a
+step of ``2^(bits-1)`` (:func:`tinygemm_keeps_shift`, checked once per layer); others keep the fused kernel.
+:func:`tinygemm_offset_error` measures the rounding in steps (an H200 run's random 7B adapter: 1.4-2.8e-4 steps).
+The scale rounds from fp16 to bf16, as GPTQModel's Marlin rounds it for bf16 activations, and each weight rounds to
+bf16 once, as the dequantize + cuBLAS path rounds it above 64 rows.
 
 Why: one C++ op per layer call, where the fused Triton kernel makes two Triton launches (eager decoding is bound by
 the CPU's launches: benchmarks/results/gpu.md, issue 14), and on an H200 (run 8, CUDA-graph replays from HBM)
@@ -18,9 +20,12 @@ it takes one row (``max_rows`` raises that: eager decoding at 16 rows may still 
 the bf16 scales move the merged model's held-out perplexity by +0.155% from the fp32 model, where the fused kernel's
 arithmetic moves it by -0.012% (benchmarks/results/bf16_exactness_cpu.md, 16,384 tokens, emulated on the CPU).
 
-Off by default (:func:`set_tinygemm`) until generation with it is measured on a GPU. The operands are a second copy of
-the codes in tinygemm's tiled layout plus bf16 scales and offsets (a 7B model: about 3.4 GB more), built on a layer's
-first eligible call and kept in its ``_kernel_cache``. Eager only: under ``torch.compile`` the fused kernel runs.
+Measured (H200, 7B shapes, runs 11 and 14 of gpu.md): 13.9-14.8 us per eager call at one row where Marlin's loop
+took 34-70 us, and batch-1 greedy decoding 46.8 tokens/s against the fused kernel's 31.0 in the same run (Marlin: 30.2
+in another run). Off by default (:func:`set_tinygemm`) all the same: its operands are a second copy of the codes in
+tinygemm's tiled layout plus bf16 scales and offsets (a 7B model: about 3.4 GB more, nearly the weights again), built
+on a layer's first eligible call and kept in its ``_kernel_cache``, and it has not yet been timed beside Marlin in
+one run. Eager only: under ``torch.compile`` the fused kernel runs.
 """
 
 from __future__ import annotations
@@ -32,11 +37,9 @@ from torch import nn
 
 from ..gptq import unpack_qweight
 
-# Rows up to which tinygemm runs when enabled: one (measured: slower than the fused kernel at 16 rows).
+# Rows up to which tinygemm runs when enabled: one. At 16 rows its GPU time is 1.3-1.6x the fused kernel's, though
+# eager batch-16 decoding still ran faster with 16 (one launch instead of two; gpu.md run 14): set_tinygemm(max_rows=).
 TINYGEMM_MAX_ROWS = 1
-# Largest bf16 rounding of a layer's offsets, in quantization steps, that still counts as keeping the merge: two
-# orders below the shifts a trained adapter makes (0.001-0.01 steps, DESIGN.md "The fold").
-OFFSET_TOLERANCE = 1e-4
 GROUP_SIZES = (32, 64, 128, 256)  # what the kernel takes
 _ENABLED = False
 
@@ -77,6 +80,13 @@ def scales_and_offsets(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """tinygemm's per-group ``(scale, offset)`` for ``layer`` in fp32: ``s`` and ``s * (8 - z')`` (groups x out)."""
     scales = layer.scales.float()
     return scales, scales * (2 ** (layer.bits - 1) - layer.zeros)
+
+
+def tinygemm_keeps_shift(layer: nn.Module) -> bool:
+    """Whether every merged zero is within half a step of the symmetric zero ``2^(bits-1)``: then each offset is the
+    adapter's shift alone and bf16 keeps it to 2^-8 of itself (an absolute bound in steps would refuse large shifts,
+    whose rounding is as small relative to them)."""
+    return bool(((layer.zeros.float() - 2 ** (layer.bits - 1)).abs() < 0.5).all())
 
 
 def tinygemm_offset_error(layer: nn.Module) -> float:
@@ -128,7 +138,7 @@ def tinygemm_supported(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     cache = layer._kernel_cache
     if "tinygemm_fits" not in cache:
-        cache["tinygemm_fits"] = _layout_fits(layer) and tinygemm_offset_error(layer) <= OFFSET_TOLERANCE
+        cache["tinygemm_fits"] = _layout_fits(layer) and tinygemm_keeps_shift(layer)
     return cache["tinygemm_fits"]
 
 
