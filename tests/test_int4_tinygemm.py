@@ -84,6 +84,8 @@ def test_offset_check_takes_symmetric_bases_and_refuses_others():
         offsets = scales.double() * (8 - zeros.double())
         rounded = offsets.bfloat16().double()
         assert ((rounded - offsets).abs() / scales.double() <= 2.0**-8 * shift_steps + 1e-12).all()
+        # the package's own measure of that rounding agrees with this fp64 reference
+        assert abs(tinygemm_offset_error(symmetric) - float(((rounded - offsets).abs() / scales.double()).max())) < 1e-7
     zero_points = torch.randint(3, 13, (8, 64), generator=torch.Generator().manual_seed(1))
     asymmetric, *_ = merged_layer(zero_points=zero_points)
     assert not tinygemm_keeps_shift(asymmetric)
