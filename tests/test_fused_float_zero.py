@@ -113,7 +113,7 @@ import torch
 from peft_qalora import FloatZeroGPTQLinear
 from peft_qalora.gptq import pack_qweight
 from peft_qalora.kernels import float_zero_gemm, set_fused_gemm
-from peft_qalora.kernels import fused_float_zero
+from peft_qalora.kernels import fused_call
 
 device = "{device}"
 torch.manual_seed(0)
@@ -133,7 +133,7 @@ for rows, config in cases:
         one_kernel = float_zero_gemm(layer, x, dict(config, SUM_IN_KERNEL=True))
         two_kernels = float_zero_gemm(layer, x, dict(config, SUM_IN_KERNEL=False))
         assert torch.equal(one_kernel, two_kernels), (rows, config, (one_kernel - two_kernels).abs().max())
-    assert fused_float_zero._COUNTERS and all(int(c.abs().sum()) == 0 for c in fused_float_zero._COUNTERS.values())
+    assert fused_call._COUNTERS and all(int(c.abs().sum()) == 0 for c in fused_call._COUNTERS.values())
 set_fused_gemm(True, sum_in_kernel=True)  # the default tiles, through the switch
 x = torch.randn(1, K).half().to(device)
 default = float_zero_gemm(layer, x)
@@ -186,6 +186,46 @@ print("ok")
 def test_split_sums_in_kernel_at_7b_shapes_on_cuda():
     """The default tiles of q / gate / down projections at 1-64 rows in bf16: one launch bit for bit the two."""
     _run_script(_SUM_IN_KERNEL_7B, interpret=False)
+
+
+# Direct launches of the cached compiled kernels (kernels/triton_launch.py) against Triton's JIT launching them: the
+# same compiled kernels, so the same bits, in every row bucket (the JIT specializes on the rows being 1 or a multiple
+# of 16, and the tiles change with the bucket), in both 16-bit dtypes, on inputs whose address is not 16-byte
+# aligned (the JIT specializes on alignment too), for two layer shapes (a split K: two kernels per call).
+_DIRECT_LAUNCH = """
+import torch
+from peft_qalora import FloatZeroGPTQLinear
+from peft_qalora.gptq import pack_qweight
+from peft_qalora.kernels import float_zero_gemm, set_direct_launch
+from peft_qalora.kernels.fused_call import FusedCall
+
+generator = torch.Generator().manual_seed(0)
+for K, N in ((1024, 96), (4096, 4096)):
+    layer = FloatZeroGPTQLinear(4, 128, K, N)
+    layer.qweight = pack_qweight(torch.randint(0, 16, (K, N), generator=generator), 4)
+    layer.scales = (torch.rand(K // 128, N, generator=generator) * 0.02 + 0.001).half()
+    layer.zeros = 8 + torch.randn(K // 128, N, generator=generator) * 0.05
+    layer = layer.cuda()
+    for dtype in (torch.bfloat16, torch.float16):
+        for rows in (1, 2, 15, 16, 17, 32, 33, 64):  # each bucket, rows a multiple of 16 or not
+            for offset in (0, 1):
+                x = torch.randn(rows * K + offset, generator=generator).to(dtype).cuda()[offset:].view(rows, K)
+                set_direct_launch(False)
+                jit = float_zero_gemm(layer, x)
+                set_direct_launch(True)
+                first = float_zero_gemm(layer, x)  # through the JIT once more, which caches the compiled kernel
+                direct = float_zero_gemm(layer, x)  # the cached kernel, launched directly
+                assert torch.equal(jit, first) and torch.equal(jit, direct), (K, N, dtype, rows, offset)
+    calls = [entry[0] for entry in layer._kernel_cache.values() if isinstance(entry, tuple)]
+    assert calls and all(isinstance(call, FusedCall) and call.compiled_variants > 0 for call in calls), calls
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_direct_launch_equals_the_jit_launch_on_cuda():
+    """Launching the cached compiled kernels directly computes what Triton's JIT launch does, bit for bit."""
+    _run_script(_DIRECT_LAUNCH, interpret=False)
 
 
 def test_fused_kernel_declines_what_it_does_not_cover():
@@ -280,3 +320,57 @@ def test_reassigned_tensors_are_not_served_from_caches():
         torch.testing.assert_close(layer(rows), reference(layer.g_idx)[: len(rows)], rtol=1e-4, atol=1e-4)
         layer.zeros = layer.zeros + 0.5
         torch.testing.assert_close(layer(rows), reference(layer.g_idx)[: len(rows)], rtol=1e-4, atol=1e-4)
+
+
+def test_prepared_calls_follow_switches_tensors_and_copies():
+    """The default call is prepared once per layer and input shape (kernels/fused_call.py) and kept in the layer:
+    switching the kernel off, or the split-K sums to a second kernel, takes effect after a call was prepared; new
+    zeros are read; a copy and a pickle of a layer that has run start with empty caches and compute the same.
+    Reference: the product with the dense fp64 weight built here."""
+    _interpret(
+        """
+        import copy
+        import pickle
+
+        import torch
+        from peft_qalora import FloatZeroGPTQLinear
+        from peft_qalora.gptq import pack_qweight
+        from peft_qalora.kernels import float_zero_gemm, set_fused_gemm
+        from peft_qalora.kernels.fused_call import FusedCall
+
+        generator = torch.Generator().manual_seed(0)
+        K, N, gs = 512, 64, 128
+        codes = torch.randint(0, 16, (K, N), generator=generator)
+        layer = FloatZeroGPTQLinear(4, gs, K, N)
+        layer.qweight = pack_qweight(codes, 4)
+        layer.scales = (torch.rand(K // gs, N, generator=generator) * 0.02 + 0.001).half()
+        layer.zeros = 8 + torch.randn(K // gs, N, generator=generator) * 0.05
+        x = torch.randn(1, 3, K, generator=generator).half()
+
+        def reference(layer):
+            g = torch.arange(K) // gs
+            weight = (codes.double() - layer.zeros.double()[g]) * layer.scales.double()[g]
+            return x.double() @ weight
+
+        def close(out, layer):
+            expected = reference(layer)
+            return out.shape == expected.shape and float((out.double() - expected).norm() / expected.norm()) < 2e-3
+
+        assert close(float_zero_gemm(layer, x), layer)
+        prepared = [v for v in layer._kernel_cache.values() if isinstance(v, tuple) and isinstance(v[0], FusedCall)]
+        assert len(prepared) == 1 and prepared[0][0].split_k > 1 and prepared[0][0].sum_in_kernel  # the default
+        assert close(float_zero_gemm(layer, x), layer) and len(layer._kernel_cache) == 2  # reused, not prepared anew
+        set_fused_gemm(False)
+        assert float_zero_gemm(layer, x) is None
+        set_fused_gemm(True, sum_in_kernel=False)
+        two_kernels = float_zero_gemm(layer, x)
+        set_fused_gemm(True, sum_in_kernel=True)
+        assert torch.equal(two_kernels, float_zero_gemm(layer, x))  # the same fp32 sums in the same order
+        layer.zeros = layer.zeros + 0.25
+        assert close(float_zero_gemm(layer, x), layer)
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert twin._kernel_cache == {}
+            assert torch.equal(float_zero_gemm(twin, x), float_zero_gemm(layer, x))
+        print("ok")
+        """
+    )

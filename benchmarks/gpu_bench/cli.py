@@ -21,8 +21,9 @@ KERNEL_BACKENDS = ("gptq_torch", "gptq_triton", "auto", "gptq_exllama_v2", "gptq
 # serve phase: short name -> the row label in the tables
 SERVE_MODELS = {
     "marlin": "GPTQ base on Marlin (`gptq_marlin`)",
-    "merged": "merged (FloatZeroGPTQLinear, fused kernel)",
-    "merged-one-launch": "merged, split-K summed in the kernel (`set_fused_gemm(sum_in_kernel=True)`, eager only)",
+    "merged": "merged (FloatZeroGPTQLinear, fused kernel, one launch per call)",
+    "merged-jit-launch": "merged, every Triton launch through the JIT (`set_direct_launch(False)`)",
+    "merged-two-kernels": "merged, split-K summed by a second kernel (`set_fused_gemm(True, sum_in_kernel=False)`)",
     "merged-tinygemm": "merged, one row through tinygemm (`set_tinygemm(True)`, eager only)",
     "merged-tinygemm16": "merged, up to 16 rows through tinygemm (`set_tinygemm(True, max_rows=16)`, eager only)",
     "unmerged": "unmerged adapter on its base (`gptq_triton`, TritonV2Linear)",
@@ -74,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(SERVE_MODELS),
         choices=list(SERVE_MODELS),
         help="serve phase: the models generating side by side",
+    )
+    p.add_argument(
+        "--warmup-dtypes",
+        nargs="+",
+        default=["float16", "bfloat16"],
+        help="marlin-warmup phase: the activation dtypes to compile Marlin for (fp16 took 179 s, bf16 120 s after it)",
     )
     p.add_argument("--kernel-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)

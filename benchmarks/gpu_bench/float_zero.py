@@ -1,9 +1,10 @@
 # Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
 """Switches over the merged ``FloatZeroGPTQLinear`` forward, so that one process can time and compare its paths:
 ``float_zero_path`` picks the Triton or the torch dequantize, ``torch_float_zero_forward`` runs one call through the
-torch one, ``fused_one_launch`` has the fused kernel sum split K itself, ``tinygemm_enabled`` / ``tinygemm_forward``
-send small calls through torch's int4 matmul, and ``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo
-it) dequantizes each layer once and keeps the bf16 weight, trading memory for speed.
+torch one, ``fused_two_kernels`` has a second kernel sum split K, ``jit_launch`` launches through Triton's JIT every
+time, ``tinygemm_enabled`` / ``tinygemm_forward`` send small calls through torch's int4 matmul, and
+``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo it) dequantizes each layer once and keeps the bf16
+weight, trading memory for speed.
 """
 
 from __future__ import annotations
@@ -45,15 +46,28 @@ def tinygemm_enabled(max_rows: int = 1):
 
 
 @contextlib.contextmanager
-def fused_one_launch():
-    """Merged layers' split-K calls sum their partials in the fused kernel itself (``sum_in_kernel``, off by default)."""
+def fused_two_kernels():
+    """Merged layers' split-K calls sum their partials in a second kernel (``sum_in_kernel=False``; one launch is the
+    default)."""
     from peft_qalora.kernels import set_fused_gemm
 
-    set_fused_gemm(True, sum_in_kernel=True)
+    set_fused_gemm(True, sum_in_kernel=False)
     try:
         yield
     finally:
-        set_fused_gemm(True, sum_in_kernel=False)
+        set_fused_gemm(True, sum_in_kernel=True)
+
+
+@contextlib.contextmanager
+def jit_launch():
+    """Every Triton launch of the merged layers goes through Triton's JIT (``set_direct_launch(False)``)."""
+    from peft_qalora.kernels import set_direct_launch
+
+    set_direct_launch(False)
+    try:
+        yield
+    finally:
+        set_direct_launch(True)
 
 
 def tinygemm_forward(layer, x):

@@ -58,12 +58,12 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
     adapted.eval()
     names = {"q_proj": "self_attn.q_proj", "gate_proj": "mlp.gate_proj", "down_proj": "mlp.down_proj"}
 
-    def one_launch(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        set_fused_gemm(True, sum_in_kernel=True)
+    def two_kernels(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        set_fused_gemm(True, sum_in_kernel=False)
         try:
             return float_zero_gemm(layer, x)
         finally:
-            set_fused_gemm(True, sum_in_kernel=False)
+            set_fused_gemm(True, sum_in_kernel=True)
 
     def every_layer(model: torch.nn.Module, short: str) -> list[torch.nn.Module]:
         return [model.get_submodule(f"model.layers.{i}.{names[short]}") for i in range(args.layers)]
@@ -102,12 +102,14 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
                 base = every_layer(model, short)
                 candidates[f"GPTQ base, {type(base[0]).__name__} (`{backend}`)"] = (lambda m: m(x), base)
             candidates["merged, dispatch (FloatZeroGPTQLinear.forward)"] = (lambda m: m(x), merged)
-            candidates["merged, fused kernel"] = (lambda m: float_zero_gemm(m, x, max_rows=None), merged)
-            if rows <= 64:  # split K summed by the kernel's last program per tile: one launch per call
-                candidates["merged, fused kernel, one launch (set_fused_gemm(sum_in_kernel=True))"] = (
-                    lambda m: one_launch(m, x),
+            if rows <= 64:  # the default call, prepared per layer and shape; split K summed in the kernel
+                candidates["merged, fused kernel"] = (lambda m: float_zero_gemm(m, x), merged)
+                candidates["merged, fused kernel, two launches (set_fused_gemm(True, sum_in_kernel=False))"] = (
+                    lambda m: two_kernels(m, x),
                     merged,
                 )
+            else:  # above FUSED_MAX_ROWS only on request
+                candidates["merged, fused kernel"] = (lambda m: float_zero_gemm(m, x, max_rows=None), merged)
             candidates["merged, Triton dequantize + cuBLAS"] = (lambda m: x @ dequantize_float_zeros(m, dtype), merged)
             if tinygemm and rows <= 16:
                 candidates["merged, tinygemm (torch int4 matmul)"] = (lambda m: tinygemm_matmul(m, x), merged)

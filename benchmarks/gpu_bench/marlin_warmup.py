@@ -24,11 +24,11 @@ from .common import RESULTS, free_memory, log
 
 @torch.no_grad()
 def run_marlin_warmup(args: argparse.Namespace, config: dict, tmp: str) -> None:
-    """Compile Marlin for fp16 and bf16 (one forward each on a one-layer checkpoint); record the seconds."""
+    """Compile Marlin for ``--warmup-dtypes`` (one forward each on a one-layer checkpoint); record the seconds."""
     del config  # one layer is enough, whatever --layers says
     path = os.path.join(tmp, "marlin-warmup")
     write_random_gptq(path, llama_config(args, 1), 4, args.gen_group_sizes[0], args.device)
-    for dtype in ("float16", "bfloat16"):
+    for dtype in args.warmup_dtypes:
         started = time.perf_counter()
         record: dict = {"marlin_warmup": dtype}
         try:

@@ -21,7 +21,7 @@ import torch
 from .checkpoints import bf16_model, kernel_classes, load_gptq, randomize_adapter, write_random_gptq
 from .cli import PROJECTIONS, SERVE_MODELS
 from .common import RESULTS, dump, free_memory, log, logits, rel
-from .float_zero import fused_one_launch, tinygemm_enabled
+from .float_zero import fused_two_kernels, jit_launch, tinygemm_enabled
 from .timing import Timer
 
 
@@ -58,7 +58,7 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
         if "unmerged" in wanted:
             models[SERVE_MODELS["unmerged"]] = unmerged
     contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}  # how a model generates, if not plainly
-    if wanted & {"merged", "merged-one-launch", "merged-tinygemm", "merged-tinygemm16"}:
+    if any(name.startswith("merged") for name in wanted):
         merge_source = peft.get_peft_model(load_gptq(path, "gptq_triton", args), adapter_config)
         randomize_adapter(merge_source)
         merged = merge_source.merge_and_unload()
@@ -66,7 +66,8 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
         if "merged" in wanted:
             models[SERVE_MODELS["merged"]] = merged
         variants = {
-            "merged-one-launch": fused_one_launch,
+            "merged-jit-launch": jit_launch,
+            "merged-two-kernels": fused_two_kernels,
             "merged-tinygemm": functools.partial(tinygemm_enabled, 1),
             "merged-tinygemm16": functools.partial(tinygemm_enabled, 16),
         }
@@ -79,15 +80,23 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
     for m in models.values():
         m.eval()
     RESULTS["checks"].append({"serve_classes": {k: kernel_classes(m) for k, m in models.items()}})
-    if unmerged is not None and "merged" in wanted:
-        ids_probe = torch.randint(3, args.vocab_size, (2, 32), device=args.device)
-        RESULTS["checks"].append(
-            {
-                "serve_merged_vs_unmerged_logits_rel": rel(
-                    logits(models[SERVE_MODELS["merged"]], ids_probe), logits(unmerged.eval(), ids_probe)
-                )
-            }
-        )
+    if unmerged is not None:
+        # every merged variant against the unmerged adapter model, on the path it generates with: 64 rows per
+        # projection (a prefill, the 64x64 tiles) and one row (a decoding step, where tinygemm takes over)
+        probes = {"64 rows": torch.randint(3, args.vocab_size, (2, 32), device=args.device)}
+        probes["1 row"] = probes["64 rows"][:1, :1]
+        reference = {label: logits(unmerged.eval(), ids) for label, ids in probes.items()}
+        for key in sorted(k for k in wanted if k.startswith("merged")):
+            name = SERVE_MODELS[key]
+            with contexts.get(name, contextlib.nullcontext)():
+                for label, ids in probes.items():
+                    error = rel(logits(models[name], ids), reference[label])
+                    RESULTS["checks"].append({"serve_vs_unmerged_logits_rel": key, "probe": label, "rel": error})
+        if "marlin" in wanted:  # the probe's floor: the same codes through two GPTQ kernels, no adapter on either
+            with unmerged.disable_adapter():
+                for label, ids in probes.items():
+                    error = rel(logits(models[SERVE_MODELS["marlin"]], ids), logits(unmerged, ids))
+                    RESULTS["checks"].append({"serve_marlin_vs_triton_base_logits_rel": label, "rel": error})
     if "unmerged" not in wanted:
         del unmerged
         free_memory()

@@ -184,6 +184,13 @@ class FloatZeroGPTQLinear(nn.Module):
         self._clear_caches()
         super()._load_from_state_dict(*args, **kwargs)
 
+    def __getstate__(self) -> dict:
+        # copies and pickles start with empty caches: the kernel cache holds compiled Triton kernels, which neither
+        # copy nor pickle, and everything in it is rebuilt from the tensors on first use
+        state = super().__getstate__()
+        state.update(_int4_cache=None, _order_cache=None, _kernel_cache={})
+        return state
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

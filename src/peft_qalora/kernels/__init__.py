@@ -11,6 +11,7 @@ from .gptq_cuda import (
     set_recompute,
 )
 from .int4_tinygemm import set_tinygemm, tinygemm_gemm
+from .triton_launch import set_direct_launch
 
 __all__ = [
     "dequantize_float_zeros",
@@ -18,6 +19,7 @@ __all__ = [
     "float_zero_gemm",
     "gptq_recompute_forward",
     "recompute_supported",
+    "set_direct_launch",
     "set_float_zero_triton",
     "set_fused_gemm",
     "set_recompute",

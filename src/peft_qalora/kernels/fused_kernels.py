@@ -1,0 +1,139 @@
+# Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
+"""The fused float-zero kernels in Triton: the matmul ``x @ (s * (q - z'))`` over packed codes, and its split-K sum.
+
+The algebra, the code formats and the measurements behind them are in :mod:`.fused_float_zero` and docs/design.md
+("The merged layer at decoding sizes"); how a call launches them, in :mod:`.fused_call`.
+"""
+
+from __future__ import annotations
+
+try:  # Triton is optional: CPU installs may not have it
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except Exception:  # noqa: BLE001  # pragma: no cover - depends on the install
+    _HAS_TRITON = False
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _float_zero_mm_kernel(
+        x_ptr,
+        qweight_ptr,
+        scales_ptr,
+        zeros_ptr,
+        out_ptr,  # (rows, N) in the activation dtype, or (split_k, rows, N) fp32 partial sums
+        M,
+        N,
+        K,
+        group_size,
+        split_k,
+        stride_xm,
+        result_ptr,  # SUM_IN_KERNEL: (rows, N) in the activation dtype, which the last program of each tile writes
+        counter_ptr,  # SUM_IN_KERNEL: int32 per output tile, zero between calls (the last program resets it)
+        BITS: tl.constexpr,
+        CODE_BITS: tl.constexpr,  # != 0: a code becomes the 16-bit float CODE_OFFSET + q by bit pattern
+        CODE_OFFSET: tl.constexpr,
+        FOLD_OFFSET: tl.constexpr,  # take CODE_OFFSET out once per group (bf16) instead of per code (fp16)
+        BLOCK_M: tl.constexpr,  # 1: fp32 multiply-adds for one row instead of a padded tensor-core tile
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,  # divides the group size: a K block never spans two groups
+        STEPS: tl.constexpr,  # K blocks per loop iteration (more loads in flight)
+        ROW_SUM_EACH_BLOCK: tl.constexpr,  # one row: reduce every K block instead of once at the end
+        SUM_IN_KERNEL: tl.constexpr,  # split K: the last program of a tile adds the partial sums (one launch)
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        per_word: tl.constexpr = 32 // BITS
+        words_per_block: tl.constexpr = BLOCK_K // per_word
+        maxq: tl.constexpr = (1 << BITS) - 1
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = tl.arange(0, words_per_block)
+        # Each word is loaded once and unpacked with shifts: code j of word w is input channel per_word * w + j.
+        shifts = tl.arange(0, per_word) * BITS
+        channel = offs_w[:, None] * per_word + tl.arange(0, per_word)[None, :]  # (words, per_word), from the block
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        k_words = K // per_word
+        if BLOCK_M == 1:
+            acc3 = tl.zeros((words_per_block, per_word, BLOCK_N), dtype=tl.float32)
+            acc_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        chunk: tl.constexpr = BLOCK_K * STEPS
+        for k0 in range(pid_k * chunk, K, split_k * chunk):
+            for step in tl.static_range(STEPS):
+                start = k0 + step * BLOCK_K
+                word_rows = start // per_word + offs_w
+                words = tl.load(
+                    qweight_ptr + word_rows[:, None] * N + offs_n[None, :],
+                    mask=(word_rows[:, None] < k_words) & mask_n[None, :],
+                    other=0,
+                    eviction_policy="evict_first",  # each code is read once: leave the cache to x
+                )
+                codes = (words[:, None, :] >> shifts[None, :, None]) & maxq  # (words, per_word, BLOCK_N)
+                group = start // group_size
+                live = mask_n & (start < K)
+                scale = tl.load(scales_ptr + group * N + offs_n, mask=live, other=0.0).to(tl.float32)
+                zero = tl.load(zeros_ptr + group * N + offs_n, mask=live, other=0.0)
+                if BLOCK_M == 1:
+                    k3 = start + channel
+                    x3 = tl.load(x_ptr + pid_m * stride_xm + k3, mask=k3 < K, other=0.0).to(tl.float32)
+                    # a code's exact fp32 value: its bits in the mantissa of 2**23, minus 2**23 (no int->float cvt)
+                    value = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    x_sum = tl.sum(tl.sum(x3, axis=1), axis=0)
+                    if ROW_SUM_EACH_BLOCK:
+                        part = tl.sum(tl.sum(x3[:, :, None] * value, axis=1), axis=0)
+                        acc_row += scale * (part - x_sum * zero)
+                    else:  # multiply-adds only; the sum across threads happens once
+                        acc3 += x3[:, :, None] * (value * scale[None, None, :])
+                        acc_row -= scale * zero * x_sum
+                else:
+                    offs_k = start + tl.arange(0, BLOCK_K)
+                    x = tl.load(
+                        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k[None, :] < K),
+                        other=0.0,
+                    )
+                    if CODE_BITS != 0:  # (q | CODE_BITS) read as a 16-bit float is CODE_OFFSET + q, exactly
+                        values = (codes | CODE_BITS).to(tl.int16).to(x.dtype, bitcast=True)
+                        if not FOLD_OFFSET:
+                            values = values - CODE_OFFSET  # exact: q is representable
+                    else:
+                        values = codes.to(x.dtype)
+                    # integer codes are exact in bf16/fp16 and their products with x exact in fp32
+                    part = tl.dot(x, tl.reshape(values, (BLOCK_K, BLOCK_N)))
+                    x_sum = tl.sum(x.to(tl.float32), axis=1)
+                    if CODE_BITS != 0 and FOLD_OFFSET:
+                        part -= x_sum[:, None] * CODE_OFFSET
+                    acc += scale[None, :] * (part - x_sum[:, None] * zero[None, :])
+        if BLOCK_M == 1:
+            acc = (tl.sum(tl.sum(acc3, axis=1), axis=0) + acc_row)[None, :]
+        offs_out = offs_m[:, None] * N + offs_n[None, :]
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        tl.store(out_ptr + pid_k * M * N + offs_out, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+        if SUM_IN_KERNEL:
+            # What _sum_splits_kernel does, without its launch: the program that finishes a tile last adds the
+            # tile's partial sums in split order (the same fp32 sums, so the same bits) and rounds them once.
+            tl.debug_barrier()  # every thread's partial sums are stored before the release below
+            tile = pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == split_k - 1:
+                total = tl.load(out_ptr + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
+                for s in range(1, split_k):
+                    total += tl.load(out_ptr + s * M * N + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
+                tl.store(result_ptr + offs_out, total.to(result_ptr.dtype.element_ty), mask=mask_out)
+                tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call
+
+    @triton.jit
+    def _sum_splits_kernel(partial_ptr, out_ptr, total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """``out = sum(partial[s] for s in range(SPLIT_K))`` in fp32, rounded once: fixed order, reproducible."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT_K):
+            acc += tl.load(partial_ptr + s * total + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
