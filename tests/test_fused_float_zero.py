@@ -58,6 +58,11 @@ cases = [
     (4, 512, 64, 128, 1, dict(split, BLOCK_M=1)),
     (4, 1024, 64, 128, 1, dict(split, BLOCK_M=1, SPLIT_K=3)),  # a split that does not divide the K blocks
     (4, 320, 48, 128, 1, dict(split, BLOCK_M=1, ROW_SUM_EACH_BLOCK=True)),
+    # the codes as the tensor cores' A operand (out^T = W^T x^T), an experiment for the 16-row tiles
+    (4, 256, 96, 64, 5, dict(split, SWAP_AB=True)),
+    (4, 320, 48, 128, 17, dict(split, BLOCK_K=128, SPLIT_K=1, SWAP_AB=True)),
+    (2, 256, 64, 32, 17, dict(split, BLOCK_K=32, SWAP_AB=True)),
+    (8, 128, 32, -1, 2, dict(split, SWAP_AB=True)),
 ]
 # the interpreter's tl.dot is wrong for bf16 operands (Triton 3.8): several rows run in fp16 there
 {dtypes}

@@ -51,7 +51,8 @@ def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
 
     ``wide``: one-row fp32 multiply-adds (BLOCK_M 1) and tensor-core tiles over tile widths, K blocks per
     iteration, splits and warps (run 8's sweep). ``focus``: around run 8's best, wider tiles and splits, 8 warps,
-    the one-row sum per K block, and 64-row (wgmma) tiles for 16 rows.
+    the one-row sum per K block, 64-row (wgmma) tiles for 16 rows, and at 16 and 64 rows the swapped product
+    (``SWAP_AB``: out^T = W^T x^T, the codes as the A operand; not yet timed).
     """
 
     def tile(bm: int, bn: int, st: int, sk: int, w: int, **extra: Any) -> dict:
@@ -67,11 +68,23 @@ def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
                 for w in (4, 8)
                 for each in (False, True)
             ]
+        # SWAP_AB: the codes as the tensor cores' A operand, BLOCK_N rows (wgmma-sized) against the input rows
+        swapped = [
+            tile(bm, bn, 1, sk, w, SWAP_AB=True)
+            for bm in ((16,) if rows == 16 else (16, 64))
+            for bn in (64, 128, 256)
+            for sk in (4, 8, 16)
+            for w in (4, 8)
+        ]
         if rows == 16:
-            return [tile(16, bn, 1, sk, w) for bn in (128, 256) for sk in (4, 8, 16) for w in (4, 8)] + [
-                tile(64, bn, 1, sk, 4) for bn in (64, 128) for sk in (4, 8)
-            ]
-        return [tile(64, bn, st, sk, w) for bn in (64, 128) for st in (1,) for sk in (2, 4, 8) for w in (4, 8)]
+            return (
+                [tile(16, bn, 1, sk, w) for bn in (128, 256) for sk in (4, 8, 16) for w in (4, 8)]
+                + [tile(64, bn, 1, sk, 4) for bn in (64, 128) for sk in (4, 8)]
+                + swapped
+            )
+        return [
+            tile(64, bn, st, sk, w) for bn in (64, 128) for st in (1,) for sk in (2, 4, 8) for w in (4, 8)
+        ] + swapped
     tiles = []
     if rows == 1:
         tiles += [

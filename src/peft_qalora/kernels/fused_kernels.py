@@ -18,6 +18,19 @@ except Exception:  # noqa: BLE001  # pragma: no cover - depends on the install
 if _HAS_TRITON:
 
     @triton.jit
+    def _code_values(
+        codes, dtype: tl.constexpr, CODE_BITS: tl.constexpr, CODE_OFFSET: tl.constexpr, FOLD: tl.constexpr
+    ):
+        """Codes as 16-bit floats for the tensor cores (``fused_tiles._code_format``)."""
+        if CODE_BITS != 0:  # (q | CODE_BITS) read as a 16-bit float is CODE_OFFSET + q, exactly
+            values = (codes | CODE_BITS).to(tl.int16).to(dtype, bitcast=True)
+            if not FOLD:
+                values = values - CODE_OFFSET  # exact: q is representable
+        else:
+            values = codes.to(dtype)
+        return values
+
+    @triton.jit
     def _float_zero_mm_kernel(
         x_ptr,
         qweight_ptr,
@@ -42,6 +55,7 @@ if _HAS_TRITON:
         STEPS: tl.constexpr,  # K blocks per loop iteration (more loads in flight)
         ROW_SUM_EACH_BLOCK: tl.constexpr,  # one row: reduce every K block instead of once at the end
         SUM_IN_KERNEL: tl.constexpr,  # split K: the last program of a tile adds the partial sums (one launch)
+        SWAP_AB: tl.constexpr,  # tensor cores on out^T = W^T x^T: the codes are the A operand (unmeasured)
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -61,6 +75,8 @@ if _HAS_TRITON:
         if BLOCK_M == 1:
             acc3 = tl.zeros((words_per_block, per_word, BLOCK_N), dtype=tl.float32)
             acc_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        elif SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed until the store
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         chunk: tl.constexpr = BLOCK_K * STEPS
@@ -98,20 +114,27 @@ if _HAS_TRITON:
                         mask=mask_m[:, None] & (offs_k[None, :] < K),
                         other=0.0,
                     )
-                    if CODE_BITS != 0:  # (q | CODE_BITS) read as a 16-bit float is CODE_OFFSET + q, exactly
-                        values = (codes | CODE_BITS).to(tl.int16).to(x.dtype, bitcast=True)
-                        if not FOLD_OFFSET:
-                            values = values - CODE_OFFSET  # exact: q is representable
-                    else:
-                        values = codes.to(x.dtype)
-                    # integer codes are exact in bf16/fp16 and their products with x exact in fp32
-                    part = tl.dot(x, tl.reshape(values, (BLOCK_K, BLOCK_N)))
                     x_sum = tl.sum(x.to(tl.float32), axis=1)
-                    if CODE_BITS != 0 and FOLD_OFFSET:
-                        part -= x_sum[:, None] * CODE_OFFSET
-                    acc += scale[None, :] * (part - x_sum[:, None] * zero[None, :])
+                    # integer codes are exact in bf16/fp16 and their products with x exact in fp32
+                    if SWAP_AB:
+                        # each thread's word unpacks into consecutive K of one output column: the A operand's
+                        # row-major layout, BLOCK_N rows (wgmma-sized) against BLOCK_M input rows
+                        codes_t = (tl.trans(words)[:, :, None] >> shifts[None, None, :]) & maxq
+                        values_t = _code_values(codes_t, x.dtype, CODE_BITS, CODE_OFFSET, FOLD_OFFSET)
+                        part_t = tl.dot(tl.reshape(values_t, (BLOCK_N, BLOCK_K)), tl.trans(x))
+                        if CODE_BITS != 0 and FOLD_OFFSET:
+                            part_t -= x_sum[None, :] * CODE_OFFSET
+                        acc += scale[:, None] * (part_t - zero[:, None] * x_sum[None, :])
+                    else:
+                        values = _code_values(codes, x.dtype, CODE_BITS, CODE_OFFSET, FOLD_OFFSET)
+                        part = tl.dot(x, tl.reshape(values, (BLOCK_K, BLOCK_N)))
+                        if CODE_BITS != 0 and FOLD_OFFSET:
+                            part -= x_sum[:, None] * CODE_OFFSET
+                        acc += scale[None, :] * (part - x_sum[:, None] * zero[None, :])
         if BLOCK_M == 1:
             acc = (tl.sum(tl.sum(acc3, axis=1), axis=0) + acc_row)[None, :]
+        elif SWAP_AB:
+            acc = tl.trans(acc)
         offs_out = offs_m[:, None] * N + offs_n[None, :]
         mask_out = mask_m[:, None] & mask_n[None, :]
         tl.store(out_ptr + pid_k * M * N + offs_out, acc.to(out_ptr.dtype.element_ty), mask=mask_out)

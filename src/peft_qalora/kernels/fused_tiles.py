@@ -74,6 +74,7 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
         "STEPS": steps,
         "SPLIT_K": split_k,
         "ROW_SUM_EACH_BLOCK": rows == 1,
+        "SWAP_AB": False,
     }
     if not _INTERPRET:  # the interpreter knows no warps or stages
         config.update(num_warps=4, num_stages=3)
@@ -107,7 +108,7 @@ def _launch_plan(
 
 def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
     """The plan for a caller's tile (benchmarks, tests): K blocks may never span two groups."""
-    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, **config}
+    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, "SWAP_AB": False, **config}
     config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
     if _INTERPRET:
         config.pop("num_warps", None)
