@@ -196,12 +196,13 @@ def test_split_sums_in_kernel_at_7b_shapes_on_cuda():
 # Direct launches of the cached compiled kernels (kernels/triton_launch.py) against Triton's JIT launching them: the
 # same compiled kernels, so the same bits, in every row bucket (the JIT specializes on the rows being 1 or a multiple
 # of 16, and the tiles change with the bucket), in both 16-bit dtypes, on inputs whose address is not 16-byte
-# aligned (the JIT specializes on alignment too), for two layer shapes (a split K: two kernels per call).
+# aligned (the JIT specializes on alignment too), for two layer shapes that split K, with the partial sums added in
+# the kernel (the default) and by the second kernel.
 _DIRECT_LAUNCH = """
 import torch
 from peft_qalora import FloatZeroGPTQLinear
 from peft_qalora.gptq import pack_qweight
-from peft_qalora.kernels import float_zero_gemm, set_direct_launch
+from peft_qalora.kernels import float_zero_gemm, set_direct_launch, set_fused_gemm
 from peft_qalora.kernels.fused_call import FusedCall
 
 generator = torch.Generator().manual_seed(0)
@@ -211,8 +212,9 @@ for K, N in ((1024, 96), (4096, 4096)):
     layer.scales = (torch.rand(K // 128, N, generator=generator) * 0.02 + 0.001).half()
     layer.zeros = 8 + torch.randn(K // 128, N, generator=generator) * 0.05
     layer = layer.cuda()
-    for dtype in (torch.bfloat16, torch.float16):
-        for rows in (1, 2, 15, 16, 17, 32, 33, 64):  # each bucket, rows a multiple of 16 or not
+    for dtype, sum_in_kernel in ((torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)):
+        set_fused_gemm(True, sum_in_kernel=sum_in_kernel)
+        for rows in (1, 2, 15, 16, 17, 32, 33, 64) if sum_in_kernel else (1, 16, 64):  # each bucket, % 16 or not
             for offset in (0, 1):
                 x = torch.randn(rows * K + offset, generator=generator).to(dtype).cuda()[offset:].view(rows, K)
                 set_direct_launch(False)
@@ -220,7 +222,8 @@ for K, N in ((1024, 96), (4096, 4096)):
                 set_direct_launch(True)
                 first = float_zero_gemm(layer, x)  # through the JIT once more, which caches the compiled kernel
                 direct = float_zero_gemm(layer, x)  # the cached kernel, launched directly
-                assert torch.equal(jit, first) and torch.equal(jit, direct), (K, N, dtype, rows, offset)
+                assert torch.equal(jit, first) and torch.equal(jit, direct), (K, N, dtype, sum_in_kernel, rows, offset)
+    set_fused_gemm(True, sum_in_kernel=True)
     calls = [entry[0] for entry in layer._kernel_cache.values() if isinstance(entry, tuple)]
     assert calls and all(isinstance(call, FusedCall) and call.compiled_variants > 0 for call in calls), calls
 print("ok")
