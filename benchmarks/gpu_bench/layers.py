@@ -17,7 +17,7 @@ import torch
 from .checkpoints import LAYER_SHAPES, kernel_classes, llama_config, load_gptq, randomize_adapter, write_random_gptq
 from .cli import PROJECTIONS, dtype_of
 from .common import RESULTS, free_memory, log, rel
-from .float_zero import tinygemm_forward
+from .float_zero import fused_two_kernels, tinygemm_forward
 from .timing import graph_us_each, time_call
 
 
@@ -31,7 +31,7 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
     import peft
 
     import peft_qalora
-    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm, set_fused_gemm
+    from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
     from peft_qalora.kernels.int4_tinygemm import tinygemm_matmul, tinygemm_offset_error, tinygemm_operands
 
     dtype = dtype_of(args)
@@ -59,11 +59,8 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
     names = {"q_proj": "self_attn.q_proj", "gate_proj": "mlp.gate_proj", "down_proj": "mlp.down_proj"}
 
     def two_kernels(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        set_fused_gemm(True, sum_in_kernel=False)
-        try:
+        with fused_two_kernels():
             return float_zero_gemm(layer, x)
-        finally:
-            set_fused_gemm(True, sum_in_kernel=True)
 
     def every_layer(model: torch.nn.Module, short: str) -> list[torch.nn.Module]:
         return [model.get_submodule(f"model.layers.{i}.{names[short]}") for i in range(args.layers)]

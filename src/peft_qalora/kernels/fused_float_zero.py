@@ -151,7 +151,7 @@ def float_zero_gemm(
         return None
     else:
         flat = _as_rows(x)
-        weights = (layer.qweight, layer.scales, layer.zeros, layer.bits, _layout_group_size(layer))
+        weights = _kernel_operands(layer)
         if torch.compiler.is_compiling():
             out = torch.ops.peft_qalora.float_zero_mm(flat, *weights)
         else:  # a caller's tile, or a row limit of its own: built for this call only
@@ -162,6 +162,11 @@ def float_zero_gemm(
     if layer.bias is not None:
         out = out + layer.bias.to(out.dtype)
     return out.view(out_shape)
+
+
+def _kernel_operands(layer: nn.Module) -> tuple:
+    """What the kernel reads of a layer: ``(qweight, scales, zeros, bits, group_size)``."""
+    return layer.qweight, layer.scales, layer.zeros, layer.bits, _layout_group_size(layer)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -185,8 +190,7 @@ def _prepared_call(layer: nn.Module, x: torch.Tensor) -> tuple[FusedCall, tuple]
         prepared = False
         if fused_supported(layer, x):
             rows = x.numel() // in_features
-            args = (layer.qweight, layer.scales, layer.zeros, layer.bits, _layout_group_size(layer))
-            call = FusedCall(*args, rows, x.dtype, x.device, sum_in_kernel=_SUM_IN_KERNEL)
+            call = FusedCall(*_kernel_operands(layer), rows, x.dtype, x.device, sum_in_kernel=_SUM_IN_KERNEL)
             prepared = (call, (*x.shape[:-1], layer.out_features))
         if cache is not None:
             cache[key] = prepared
