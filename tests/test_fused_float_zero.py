@@ -63,6 +63,11 @@ cases = [
     (4, 320, 48, 128, 17, dict(split, BLOCK_K=128, SPLIT_K=1, SWAP_AB=True)),
     (2, 256, 64, 32, 17, dict(split, BLOCK_K=32, SWAP_AB=True)),
     (8, 128, 32, -1, 2, dict(split, SWAP_AB=True)),
+    # each code's word read once per code (GemLite's unpacking), plain and swapped
+    (4, 256, 96, 64, 5, dict(split, PER_CODE_LOAD=True)),
+    (4, 320, 48, 128, 17, dict(split, BLOCK_K=128, SPLIT_K=1, PER_CODE_LOAD=True, SWAP_AB=True)),
+    (2, 256, 64, 32, 17, dict(split, BLOCK_K=32, PER_CODE_LOAD=True)),
+    (8, 128, 32, -1, 2, dict(split, PER_CODE_LOAD=True, SWAP_AB=True)),
 ]
 # the interpreter's tl.dot is wrong for bf16 operands (Triton 3.8): several rows run in fp16 there
 {dtypes}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 import torch
@@ -52,7 +53,8 @@ def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
     ``wide``: one-row fp32 multiply-adds (BLOCK_M 1) and tensor-core tiles over tile widths, K blocks per
     iteration, splits and warps (run 8's sweep). ``focus``: around run 8's best, wider tiles and splits, 8 warps,
     the one-row sum per K block, 64-row (wgmma) tiles for 16 rows, and at 16 and 64 rows the swapped product
-    (``SWAP_AB``: out^T = W^T x^T, the codes as the A operand; not yet timed).
+    (``SWAP_AB``: out^T = W^T x^T, the codes as the A operand) and GemLite's unpacking (``PER_CODE_LOAD``: a 2-D
+    tile of words, each read once per code), each alone and together.
     """
 
     def tile(bm: int, bn: int, st: int, sk: int, w: int, **extra: Any) -> dict:
@@ -76,15 +78,26 @@ def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
             for sk in (4, 8, 16)
             for w in (4, 8)
         ]
+        # PER_CODE_LOAD: each code's word read once per code (GemLite's unpacking), plain and swapped
+        per_code = [
+            tile(bm, bn, 1, sk, 4, PER_CODE_LOAD=True, SWAP_AB=swap)
+            for bm in ((16,) if rows == 16 else (64,))
+            for bn in (64, 128, 256)
+            for sk in (4, 8, 16)
+            for swap in (False, True)
+        ]
         if rows == 16:
             return (
                 [tile(16, bn, 1, sk, w) for bn in (128, 256) for sk in (4, 8, 16) for w in (4, 8)]
                 + [tile(64, bn, 1, sk, 4) for bn in (64, 128) for sk in (4, 8)]
                 + swapped
+                + per_code
             )
-        return [
-            tile(64, bn, st, sk, w) for bn in (64, 128) for st in (1,) for sk in (2, 4, 8) for w in (4, 8)
-        ] + swapped
+        return (
+            [tile(64, bn, st, sk, w) for bn in (64, 128) for st in (1,) for sk in (2, 4, 8) for w in (4, 8)]
+            + swapped
+            + per_code
+        )
     tiles = []
     if rows == 1:
         tiles += [
@@ -138,14 +151,15 @@ def run_tiles(args: argparse.Namespace) -> None:
             default = fz._pick_config(rows, k, n, 128, fz._multiprocessors(0))
             default_us = graph_us_each(lambda m: float_zero_gemm(m, x), copies)
             best = (default_us, default)
-            for config in tile_grid(rows, args.tile_grid) if rows in (1, 16, 64) else []:
+            for config in tile_grid(rows, args.tile_grid) if rows in args.tile_rows else []:
                 try:
                     us = graph_us_each(lambda m: float_zero_gemm(m, x, config), copies)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for a tile
                     log("tile error", config, str(exc)[:200])
                     continue
                 RESULTS.setdefault("tiles", []).append({"layer": name, "rows": rows, "config": config, "graph_us": us})
-                if best is None or not us >= best[0]:  # NaN never wins
+                log("tile", json.dumps(RESULTS["tiles"][-1]))  # the log keeps the sweep if the call runs out of time
+                if math.isfinite(us) and not us >= best[0]:  # a NaN (capture failed) never wins, and loses to any time
                     best = (us, config)
             # the same best tile with the codes converted (int -> float) instead of built from their bits
             convert = dict(best[1], CODE_BITS=0, CODE_OFFSET=0.0, FOLD_OFFSET=False, SPLIT_K=best[1]["SPLIT_K"])

@@ -31,6 +31,16 @@ if _HAS_TRITON:
         return values
 
     @triton.jit
+    def _load_words(qweight_ptr, word_rows, columns, k_words, N, mask_columns):
+        """Packed words ``qweight[word_rows, columns]`` (broadcast), zero past the matrix's edges."""
+        return tl.load(
+            qweight_ptr + word_rows * N + columns,
+            mask=(word_rows < k_words) & mask_columns,
+            other=0,
+            eviction_policy="evict_first",  # each word is read by one program: leave the cache to x
+        )
+
+    @triton.jit
     def _float_zero_mm_kernel(
         x_ptr,
         qweight_ptr,
@@ -55,7 +65,8 @@ if _HAS_TRITON:
         STEPS: tl.constexpr,  # K blocks per loop iteration (more loads in flight)
         ROW_SUM_EACH_BLOCK: tl.constexpr,  # one row: reduce every K block instead of once at the end
         SUM_IN_KERNEL: tl.constexpr,  # split K: the last program of a tile adds the partial sums (one launch)
-        SWAP_AB: tl.constexpr,  # tensor cores on out^T = W^T x^T: the codes are the A operand (unmeasured)
+        SWAP_AB: tl.constexpr,  # tensor cores on out^T = W^T x^T: the codes are the A operand (2-16 rows)
+        PER_CODE_LOAD: tl.constexpr,  # tensor-core tiles: load each code's word once per code (slower, run 20)
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -83,19 +94,14 @@ if _HAS_TRITON:
         for k0 in range(pid_k * chunk, K, split_k * chunk):
             for step in tl.static_range(STEPS):
                 start = k0 + step * BLOCK_K
-                word_rows = start // per_word + offs_w
-                words = tl.load(
-                    qweight_ptr + word_rows[:, None] * N + offs_n[None, :],
-                    mask=(word_rows[:, None] < k_words) & mask_n[None, :],
-                    other=0,
-                    eviction_policy="evict_first",  # each code is read once: leave the cache to x
-                )
-                codes = (words[:, None, :] >> shifts[None, :, None]) & maxq  # (words, per_word, BLOCK_N)
                 group = start // group_size
                 live = mask_n & (start < K)
                 scale = tl.load(scales_ptr + group * N + offs_n, mask=live, other=0.0).to(tl.float32)
                 zero = tl.load(zeros_ptr + group * N + offs_n, mask=live, other=0.0)
+                word_rows = start // per_word + offs_w
                 if BLOCK_M == 1:
+                    words = _load_words(qweight_ptr, word_rows[:, None], offs_n[None, :], k_words, N, mask_n[None, :])
+                    codes = (words[:, None, :] >> shifts[None, :, None]) & maxq  # (words, per_word, BLOCK_N)
                     k3 = start + channel
                     x3 = tl.load(x_ptr + pid_m * stride_xm + k3, mask=k3 < K, other=0.0).to(tl.float32)
                     # a code's exact fp32 value: its bits in the mantissa of 2**23, minus 2**23 (no int->float cvt)
@@ -115,19 +121,44 @@ if _HAS_TRITON:
                         other=0.0,
                     )
                     x_sum = tl.sum(x.to(tl.float32), axis=1)
+                    # the codes as the dot's operand: (BLOCK_K, BLOCK_N), or (BLOCK_N, BLOCK_K) when SWAP_AB
+                    if PER_CODE_LOAD:
+                        # GemLite's unpacking: a 2-D tile of words, each read once per code it holds (the cache
+                        # serves the repeats), so shift and mask are elementwise on the operand's own shape and
+                        # the compiler may convert the words, not the values, to the operand's layout
+                        shift_k = (offs_k % per_word) * BITS
+                        word_k = offs_k // per_word
+                        if SWAP_AB:
+                            words = _load_words(
+                                qweight_ptr, word_k[None, :], offs_n[:, None], k_words, N, mask_n[:, None]
+                            )
+                            codes = (words >> shift_k[None, :]) & maxq
+                        else:
+                            words = _load_words(
+                                qweight_ptr, word_k[:, None], offs_n[None, :], k_words, N, mask_n[None, :]
+                            )
+                            codes = (words >> shift_k[:, None]) & maxq
+                    else:
+                        words = _load_words(
+                            qweight_ptr, word_rows[:, None], offs_n[None, :], k_words, N, mask_n[None, :]
+                        )
+                        if SWAP_AB:
+                            # a thread's word unpacks into consecutive K of one output column: the A operand's
+                            # row-major layout, BLOCK_N rows (wgmma-sized) against BLOCK_M input rows
+                            codes = (tl.trans(words)[:, :, None] >> shifts[None, None, :]) & maxq
+                            codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
+                        else:
+                            codes = (words[:, None, :] >> shifts[None, :, None]) & maxq
+                            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
                     # integer codes are exact in bf16/fp16 and their products with x exact in fp32
+                    values = _code_values(codes, x.dtype, CODE_BITS, CODE_OFFSET, FOLD_OFFSET)
                     if SWAP_AB:
-                        # each thread's word unpacks into consecutive K of one output column: the A operand's
-                        # row-major layout, BLOCK_N rows (wgmma-sized) against BLOCK_M input rows
-                        codes_t = (tl.trans(words)[:, :, None] >> shifts[None, None, :]) & maxq
-                        values_t = _code_values(codes_t, x.dtype, CODE_BITS, CODE_OFFSET, FOLD_OFFSET)
-                        part_t = tl.dot(tl.reshape(values_t, (BLOCK_N, BLOCK_K)), tl.trans(x))
+                        part_t = tl.dot(values, tl.trans(x))
                         if CODE_BITS != 0 and FOLD_OFFSET:
                             part_t -= x_sum[None, :] * CODE_OFFSET
                         acc += scale[:, None] * (part_t - zero[:, None] * x_sum[None, :])
                     else:
-                        values = _code_values(codes, x.dtype, CODE_BITS, CODE_OFFSET, FOLD_OFFSET)
-                        part = tl.dot(x, tl.reshape(values, (BLOCK_K, BLOCK_N)))
+                        part = tl.dot(x, values)
                         if CODE_BITS != 0 and FOLD_OFFSET:
                             part -= x_sum[:, None] * CODE_OFFSET
                         acc += scale[None, :] * (part - x_sum[:, None] * zero[None, :])

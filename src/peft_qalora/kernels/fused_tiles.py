@@ -49,12 +49,16 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
     """Tile, warps and split for ``rows`` (1, 16, 32 or 64: a bucket) x ``in_features`` @ ``out_features``.
 
     From the sweeps of ``benchmarks/gpu.py --phases tiles`` on an H200 (benchmarks/results/gpu.md, issue 14): one row
-    runs fp32 multiply-adds 256 columns wide, summed per K block; up to 16 rows a 16x256 tensor-core tile; more a
-    64x64 tile (faster at 32 rows than a 32-row tile). Programs share K (``SPLIT_K``, at most 16) until there are
-    about 2 per multiprocessor.
+    runs fp32 multiply-adds 256 columns wide, summed per K block; 2-16 rows the swapped product (``SWAP_AB``:
+    out^T = W^T x^T, 64 output columns against 16 rows, 8 splits; 0.74-0.90x the GPU time of the 16x256 tile it
+    replaced, run 23); more a 64x64 tile (faster at 32 rows than a 32-row tile). Other programs share K
+    (``SPLIT_K``, at most 16) until there are about 2 per multiprocessor.
     """
-    if rows <= 16:
-        block_m, block_n = (1 if rows == 1 else 16), 256
+    swap = 1 < rows <= 16
+    if rows == 1:
+        block_m, block_n = 1, 256
+    elif swap:  # out^T = W^T x^T: 64 output columns as the tensor cores' 64-row operand, the input rows as 16
+        block_m, block_n = 16, 64
     else:
         block_m, block_n = 64, 64
     block_n = min(block_n, max(16, 1 << (out_features - 1).bit_length()))
@@ -62,9 +66,17 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
     tiles = _cdiv(out_features, block_n) * _cdiv(rows, block_m)
     chunks = _cdiv(in_features, block_k * steps)
     split_k = 1
-    target = 2 * processors
-    while split_k < 16 and split_k * 2 <= chunks and abs(tiles * split_k * 2 - target) <= abs(tiles * split_k - target):
-        split_k *= 2
+    if swap:  # fastest with 8 splits on all three 7B shapes (512-1376 programs), against 4 or 16 (run 20)
+        while split_k < 8 and split_k * 2 <= chunks:
+            split_k *= 2
+    else:
+        target = 2 * processors
+        while (
+            split_k < 16
+            and split_k * 2 <= chunks
+            and abs(tiles * split_k * 2 - target) <= abs(tiles * split_k - target)
+        ):
+            split_k *= 2
     # every constexpr passed explicitly: Inductor's wrapper of a user kernel misreads omitted defaults (static-cache
     # generate at batch 16 failed with "launcher() missing ... '_grid_2'", benchmarks/results/gpu.md)
     config = {
@@ -74,7 +86,8 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
         "STEPS": steps,
         "SPLIT_K": split_k,
         "ROW_SUM_EACH_BLOCK": rows == 1,
-        "SWAP_AB": False,
+        "SWAP_AB": swap,
+        "PER_CODE_LOAD": False,
     }
     if not _INTERPRET:  # the interpreter knows no warps or stages
         config.update(num_warps=4, num_stages=3)
@@ -108,7 +121,7 @@ def _launch_plan(
 
 def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
     """The plan for a caller's tile (benchmarks, tests): K blocks may never span two groups."""
-    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, "SWAP_AB": False, **config}
+    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, "SWAP_AB": False, "PER_CODE_LOAD": False, **config}
     config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
     if _INTERPRET:
         config.pop("num_warps", None)
