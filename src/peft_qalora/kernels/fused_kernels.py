@@ -98,10 +98,11 @@ if _HAS_TRITON:
                 live = mask_n & (start < K)
                 scale = tl.load(scales_ptr + group * N + offs_n, mask=live, other=0.0).to(tl.float32)
                 zero = tl.load(zeros_ptr + group * N + offs_n, mask=live, other=0.0)
-                word_rows = start // per_word + offs_w
-                if BLOCK_M == 1:
+                if BLOCK_M == 1 or not PER_CODE_LOAD:  # each word loaded once, unpacked with shifts
+                    word_rows = start // per_word + offs_w
                     words = _load_words(qweight_ptr, word_rows[:, None], offs_n[None, :], k_words, N, mask_n[None, :])
                     codes = (words[:, None, :] >> shifts[None, :, None]) & maxq  # (words, per_word, BLOCK_N)
+                if BLOCK_M == 1:
                     k3 = start + channel
                     x3 = tl.load(x_ptr + pid_m * stride_xm + k3, mask=k3 < K, other=0.0).to(tl.float32)
                     # a code's exact fp32 value: its bits in the mantissa of 2**23, minus 2**23 (no int->float cvt)
@@ -138,18 +139,13 @@ if _HAS_TRITON:
                                 qweight_ptr, word_k[:, None], offs_n[None, :], k_words, N, mask_n[None, :]
                             )
                             codes = (words >> shift_k[:, None]) & maxq
+                    elif SWAP_AB:
+                        # a thread's word unpacks into consecutive K of one output column: the A operand's
+                        # row-major layout, BLOCK_N rows (wgmma-sized) against BLOCK_M input rows
+                        codes = (tl.trans(words)[:, :, None] >> shifts[None, None, :]) & maxq
+                        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
                     else:
-                        words = _load_words(
-                            qweight_ptr, word_rows[:, None], offs_n[None, :], k_words, N, mask_n[None, :]
-                        )
-                        if SWAP_AB:
-                            # a thread's word unpacks into consecutive K of one output column: the A operand's
-                            # row-major layout, BLOCK_N rows (wgmma-sized) against BLOCK_M input rows
-                            codes = (tl.trans(words)[:, :, None] >> shifts[None, None, :]) & maxq
-                            codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
-                        else:
-                            codes = (words[:, None, :] >> shifts[None, :, None]) & maxq
-                            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+                        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
                     # integer codes are exact in bf16/fp16 and their products with x exact in fp32
                     values = _code_values(codes, x.dtype, CODE_BITS, CODE_OFFSET, FOLD_OFFSET)
                     if SWAP_AB:
