@@ -68,6 +68,12 @@ cases = [
     (4, 320, 48, 128, 17, dict(split, BLOCK_K=128, SPLIT_K=1, PER_CODE_LOAD=True, SWAP_AB=True)),
     (2, 256, 64, 32, 17, dict(split, BLOCK_K=32, PER_CODE_LOAD=True)),
     (8, 128, 32, -1, 2, dict(split, PER_CODE_LOAD=True, SWAP_AB=True)),
+    # two codes per 32-bit unpacking operation (Marlin's), x permuted into the order it yields: 4, 2 and 8 bits
+    (4, 256, 96, 64, 5, dict(split, PAIRED_UNPACK=True, SWAP_AB=True)),
+    (4, 320, 48, 128, 17, dict(split, BLOCK_K=128, SPLIT_K=1, PAIRED_UNPACK=True)),
+    (2, 256, 64, 32, 17, dict(split, BLOCK_K=32, PAIRED_UNPACK=True, SWAP_AB=True)),
+    (8, 128, 32, -1, 2, dict(split, PAIRED_UNPACK=True)),
+    (8, 128, 32, -1, 2, dict(split, PAIRED_UNPACK=True, SWAP_AB=True)),
 ]
 # the interpreter's tl.dot is wrong for bf16 operands (Triton 3.8): several rows run in fp16 there
 {dtypes}

@@ -67,13 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["gptq_marlin", "gptq_triton", "gptq_torch"],
         help="GPTQModel backends timed per layer in the layers phase",
     )
-    p.add_argument("--tile-grid", default="wide", choices=["wide", "focus"], help="tiles phase: the sweep")
+    p.add_argument("--tile-grid", default="wide", choices=["wide", "focus", "paired"], help="tiles phase: the sweep")
     p.add_argument(
         "--tile-rows",
         nargs="+",
         type=int,
         default=[1, 16, 64],
-        choices=[1, 16, 64],
+        choices=[1, 2, 4, 8, 16, 64],
         help="tiles phase: the row counts swept (the others are timed with the default tile only)",
     )
     p.add_argument("--serve-modes", nargs="+", default=["eager", "static"], help="serve phase: eager, static")

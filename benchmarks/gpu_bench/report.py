@@ -41,10 +41,15 @@ def render_issue14() -> list[str]:
         ]
 
         def short(c: dict) -> str:
-            each = " sum each block" if c.get("ROW_SUM_EACH_BLOCK") else ""
-            return (
-                "M{BLOCK_M} N{BLOCK_N} K{BLOCK_K}x{STEPS} split{SPLIT_K} w{w}".format(w=c.get("num_warps"), **c) + each
-            )
+            flags = {
+                "ROW_SUM_EACH_BLOCK": " sum each block",
+                "SWAP_AB": " swapped",
+                "PER_CODE_LOAD": " per-code load",
+                "PAIRED_UNPACK": " paired",
+            }
+            stages = f" s{c['num_stages']}" if c.get("num_stages") else ""
+            name = "M{BLOCK_M} N{BLOCK_N} K{BLOCK_K}x{STEPS} split{SPLIT_K} w{w}".format(w=c.get("num_warps"), **c)
+            return name + stages + "".join(text for key, text in flags.items() if c.get(key))
 
         for r in RESULTS["tile_best"]:
             lines.append(

@@ -48,18 +48,33 @@ def tinygemm_operands(codes: torch.Tensor, layer, group_size: int):
 
 
 def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
-    """The fused kernel's tiles tried at ``rows`` (1, 16 or 64; other row counts are timed with the default tile).
+    """The fused kernel's tiles tried at ``rows`` (those in ``--tile-rows``; others are timed with the default tile).
 
     ``wide``: one-row fp32 multiply-adds (BLOCK_M 1) and tensor-core tiles over tile widths, K blocks per
     iteration, splits and warps (run 8's sweep). ``focus``: around run 8's best, wider tiles and splits, 8 warps,
     the one-row sum per K block, 64-row (wgmma) tiles for 16 rows, and at 16 and 64 rows the swapped product
     (``SWAP_AB``: out^T = W^T x^T, the codes as the A operand) and GemLite's unpacking (``PER_CODE_LOAD``: a 2-D
-    tile of words, each read once per code), each alone and together.
+    tile of words, each read once per code), each alone and together. ``paired``: at 2-16 rows the swapped tile and its
+    neighbours (widths, splits, stages, warps) with and without Marlin's unpacking (``PAIRED_UNPACK``: two codes per
+    32-bit operation, x permuted in registers to the order it yields), at 64 rows the 64x64 tile both ways.
     """
 
     def tile(bm: int, bn: int, st: int, sk: int, w: int, **extra: Any) -> dict:
         return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "STEPS": st, "SPLIT_K": sk, "num_warps": w, **extra}
 
+    if grid == "paired":  # the default's neighbours, each code unpacked alone and two per operation (Marlin's)
+        if rows == 1:
+            return []
+        if rows <= 16:
+            # {}: Triton's 3 stages (the default before run 28), then 2 stages (the default now)
+            knobs = [{}, {"STEPS": 2}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 8}]
+            return [
+                {**tile(16, bn, 1, sk, 4, SWAP_AB=True, PAIRED_UNPACK=paired), **knob}
+                for paired in (False, True)
+                for bn, sk in ((64, 8), (128, 8), (64, 4), (64, 16), (32, 8))
+                for knob in (knobs if (bn, sk) == (64, 8) else [{}])
+            ]
+        return [tile(64, 64, 1, sk, 4, PAIRED_UNPACK=paired) for sk in (4, 8) for paired in (False, True)]
     if grid == "focus":
         if rows == 1:
             return [
@@ -146,7 +161,7 @@ def run_tiles(args: argparse.Namespace) -> None:
                 }
                 RESULTS.setdefault("exactness", []).append(record)
                 log("exact", json.dumps(record))
-        for rows in (1, 4, 16, 32, 64):
+        for rows in sorted({1, 4, 16, 32, 64, *args.tile_rows}):
             x = torch.randn(rows, k, device=args.device, dtype=dtype)
             default = fz._pick_config(rows, k, n, 128, fz._multiprocessors(0))
             default_us = graph_us_each(lambda m: float_zero_gemm(m, x), copies)

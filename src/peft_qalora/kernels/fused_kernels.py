@@ -31,6 +31,44 @@ if _HAS_TRITON:
         return values
 
     @triton.jit
+    def _paired_code_values(
+        words_t,
+        dtype: tl.constexpr,
+        BITS: tl.constexpr,
+        CODE_BITS: tl.constexpr,
+        CODE_OFFSET: tl.constexpr,
+        FOLD: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """(BLOCK_N, BLOCK_K) 16-bit code values from (BLOCK_N, words) packed words, two codes per 32-bit operation.
+
+        Marlin's unpacking: one shift and one mask-and-or (a LOP3) turn the codes at bits ``BITS * i`` and
+        ``BITS * i + 16`` into two 16-bit floats in one register, whose halves are then read apart. Along K the values
+        come out in paired order (word, then pair, then half), not channel order: the caller permutes the activations
+        to match (:func:`_swap_within_words`), which costs registers only, where loading them in that order breaks the
+        vector loads (1.3-1.4x slower at 16 rows on an H200, gpu.md sixth pass).
+        """
+        per_word: tl.constexpr = 32 // BITS
+        half: tl.constexpr = per_word // 2
+        maxq: tl.constexpr = (1 << BITS) - 1
+        shifts = tl.arange(0, half) * BITS
+        pairs = ((words_t[:, :, None] >> shifts[None, None, :]) & (maxq | (maxq << 16))) | (
+            CODE_BITS | (CODE_BITS << 16)
+        )
+        low = pairs.to(tl.int16).to(dtype, bitcast=True)  # the code at bit BITS * i of the word
+        high = (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)  # the code at bit BITS * i + 16
+        values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+        if not FOLD:
+            values = values - CODE_OFFSET  # exact: q is representable
+        return values
+
+    @triton.jit
+    def _swap_within_words(t, ROWS: tl.constexpr, WORDS: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+        """(ROWS, WORDS * A * B) with each word's (A, B) positions transposed: channel order into paired order."""
+        return tl.reshape(tl.permute(tl.reshape(t, (ROWS, WORDS, A, B)), (0, 1, 3, 2)), (ROWS, WORDS * A * B))
+
+    @triton.jit
     def _load_words(qweight_ptr, word_rows, columns, k_words, N, mask_columns):
         """Packed words ``qweight[word_rows, columns]`` (broadcast), zero past the matrix's edges."""
         return tl.load(
@@ -67,6 +105,8 @@ if _HAS_TRITON:
         SUM_IN_KERNEL: tl.constexpr,  # split K: the last program of a tile adds the partial sums (one launch)
         SWAP_AB: tl.constexpr,  # tensor cores on out^T = W^T x^T: the codes are the A operand (2-16 rows)
         PER_CODE_LOAD: tl.constexpr,  # tensor-core tiles: load each code's word once per code (slower, run 20)
+        # tensor-core tiles with CODE_BITS: two codes per 32-bit operation (Marlin's unpacking; 2-16 rows, run 25)
+        PAIRED_UNPACK: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -101,7 +141,8 @@ if _HAS_TRITON:
                 if BLOCK_M == 1 or not PER_CODE_LOAD:  # each word loaded once, unpacked with shifts
                     word_rows = start // per_word + offs_w
                     words = _load_words(qweight_ptr, word_rows[:, None], offs_n[None, :], k_words, N, mask_n[None, :])
-                    codes = (words[:, None, :] >> shifts[None, :, None]) & maxq  # (words, per_word, BLOCK_N)
+                    if BLOCK_M == 1 or not PAIRED_UNPACK:
+                        codes = (words[:, None, :] >> shifts[None, :, None]) & maxq  # (words, per_word, BLOCK_N)
                 if BLOCK_M == 1:
                     k3 = start + channel
                     x3 = tl.load(x_ptr + pid_m * stride_xm + k3, mask=k3 < K, other=0.0).to(tl.float32)
@@ -123,7 +164,15 @@ if _HAS_TRITON:
                     )
                     x_sum = tl.sum(x.to(tl.float32), axis=1)
                     # the codes as the dot's operand: (BLOCK_K, BLOCK_N), or (BLOCK_N, BLOCK_K) when SWAP_AB
-                    if PER_CODE_LOAD:
+                    if PAIRED_UNPACK:
+                        values = _paired_code_values(
+                            tl.trans(words), x.dtype, BITS, CODE_BITS, CODE_OFFSET, FOLD_OFFSET, BLOCK_N, BLOCK_K
+                        )
+                        # x into the codes' paired order, after the row sums (order-free) and the loads (vectorized)
+                        x = _swap_within_words(x, BLOCK_M, words_per_block, 2, per_word // 2)
+                        if not SWAP_AB:
+                            values = tl.trans(values)
+                    elif PER_CODE_LOAD:
                         # GemLite's unpacking: a 2-D tile of words, each read once per code it holds (the cache
                         # serves the repeats), so shift and mask are elementwise on the operand's own shape and
                         # the compiler may convert the words, not the values, to the operand's layout
@@ -146,8 +195,8 @@ if _HAS_TRITON:
                         codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
                     else:
                         codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
-                    # integer codes are exact in bf16/fp16 and their products with x exact in fp32
-                    values = _code_values(codes, x.dtype, CODE_BITS, CODE_OFFSET, FOLD_OFFSET)
+                    if not PAIRED_UNPACK:  # integer codes are exact in bf16/fp16, their products with x in fp32
+                        values = _code_values(codes, x.dtype, CODE_BITS, CODE_OFFSET, FOLD_OFFSET)
                     if SWAP_AB:
                         part_t = tl.dot(values, tl.trans(x))
                         if CODE_BITS != 0 and FOLD_OFFSET:

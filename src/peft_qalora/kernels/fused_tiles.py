@@ -51,7 +51,8 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
     From the sweeps of ``benchmarks/gpu.py --phases tiles`` on an H200 (benchmarks/results/gpu.md, issue 14): one row
     runs fp32 multiply-adds 256 columns wide, summed per K block; 2-16 rows the swapped product (``SWAP_AB``:
     out^T = W^T x^T, 64 output columns against 16 rows, 8 splits; 0.74-0.90x the GPU time of the 16x256 tile it
-    replaced, run 23); more a 64x64 tile (faster at 32 rows than a 32-row tile). Other programs share K
+    replaced, run 23) with Marlin's unpacking (``PAIRED_UNPACK``, two codes per 32-bit operation; 0.66-0.78x, run 25)
+    and 2 stages; more a 64x64 tile (faster at 32 rows than a 32-row tile). Other programs share K
     (``SPLIT_K``, at most 16) until there are about 2 per multiprocessor.
     """
     swap = 1 < rows <= 16
@@ -88,9 +89,11 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
         "ROW_SUM_EACH_BLOCK": rows == 1,
         "SWAP_AB": swap,
         "PER_CODE_LOAD": False,
+        "PAIRED_UNPACK": swap,  # 0.66-0.78x the GPU time of unpacking each code alone at 4-16 rows (run 25)
     }
     if not _INTERPRET:  # the interpreter knows no warps or stages
-        config.update(num_warps=4, num_stages=3)
+        # the paired swapped tile: 2 stages 0.95-1.0x the GPU time of 3 at 4 and 16 rows on all three shapes (run 27)
+        config.update(num_warps=4, num_stages=2 if swap else 3)
     return config
 
 
@@ -108,6 +111,8 @@ def _plan(config: dict, dtype: torch.dtype, bits: int) -> tuple[int, int, int, d
     code_bits = config.pop("CODE_BITS", code_bits)  # a benchmark may ask for converted codes (0)
     code_offset, fold = config.pop("CODE_OFFSET", code_offset), config.pop("FOLD_OFFSET", fold)
     kwargs = {"BITS": bits, "CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
+    # the paired unpacking builds floats from the codes' bits, and loads whole words (not a per-code load)
+    kwargs["PAIRED_UNPACK"] = bool(config.get("PAIRED_UNPACK")) and bool(code_bits) and not config.get("PER_CODE_LOAD")
     return split_k, config["BLOCK_M"], config["BLOCK_N"], kwargs
 
 
@@ -121,7 +126,15 @@ def _launch_plan(
 
 def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
     """The plan for a caller's tile (benchmarks, tests): K blocks may never span two groups."""
-    config = {"STEPS": 1, "SPLIT_K": 1, "ROW_SUM_EACH_BLOCK": False, "SWAP_AB": False, "PER_CODE_LOAD": False, **config}
+    config = {
+        "STEPS": 1,
+        "SPLIT_K": 1,
+        "ROW_SUM_EACH_BLOCK": False,
+        "SWAP_AB": False,
+        "PER_CODE_LOAD": False,
+        "PAIRED_UNPACK": False,
+        **config,
+    }
     config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
     if _INTERPRET:
         config.pop("num_warps", None)
