@@ -46,7 +46,7 @@ if _HAS_TRITON:
         Marlin's unpacking: one shift and one mask-and-or (a LOP3) turn the codes at bits ``BITS * i`` and
         ``BITS * i + 16`` into two 16-bit floats in one register, whose halves are then read apart. Along K the values
         come out in paired order (word, then pair, then half), not channel order: the caller permutes the activations
-        to match (:func:`_swap_within_words`), which costs registers only, where loading them in that order breaks the
+        to match (:func:`_to_paired_order`), which costs registers only, where loading them in that order breaks the
         vector loads (1.3-1.4x slower at 16 rows on an H200, gpu.md sixth pass).
         """
         per_word: tl.constexpr = 32 // BITS
@@ -64,9 +64,10 @@ if _HAS_TRITON:
         return values
 
     @triton.jit
-    def _swap_within_words(t, ROWS: tl.constexpr, WORDS: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
-        """(ROWS, WORDS * A * B) with each word's (A, B) positions transposed: channel order into paired order."""
-        return tl.reshape(tl.permute(tl.reshape(t, (ROWS, WORDS, A, B)), (0, 1, 3, 2)), (ROWS, WORDS * A * B))
+    def _to_paired_order(t, ROWS: tl.constexpr, WORDS: tl.constexpr, PER_WORD: tl.constexpr):
+        """(ROWS, WORDS * PER_WORD) in channel order -> the order of :func:`_paired_code_values` (codes i, i + half)."""
+        half: tl.constexpr = PER_WORD // 2
+        return tl.reshape(tl.permute(tl.reshape(t, (ROWS, WORDS, 2, half)), (0, 1, 3, 2)), (ROWS, WORDS * PER_WORD))
 
     @triton.jit
     def _load_words(qweight_ptr, word_rows, columns, k_words, N, mask_columns):
@@ -105,7 +106,8 @@ if _HAS_TRITON:
         SUM_IN_KERNEL: tl.constexpr,  # split K: the last program of a tile adds the partial sums (one launch)
         SWAP_AB: tl.constexpr,  # tensor cores on out^T = W^T x^T: the codes are the A operand (2-16 rows)
         PER_CODE_LOAD: tl.constexpr,  # tensor-core tiles: load each code's word once per code (slower, run 20)
-        # tensor-core tiles with CODE_BITS: two codes per 32-bit operation (Marlin's unpacking; 2-16 rows, run 25)
+        # tensor-core tiles with CODE_BITS, never BLOCK_M 1 (the launch plan ensures it): two codes per 32-bit
+        # operation (Marlin's unpacking; 2-16 rows, run 25)
         PAIRED_UNPACK: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -141,7 +143,7 @@ if _HAS_TRITON:
                 if BLOCK_M == 1 or not PER_CODE_LOAD:  # each word loaded once, unpacked with shifts
                     word_rows = start // per_word + offs_w
                     words = _load_words(qweight_ptr, word_rows[:, None], offs_n[None, :], k_words, N, mask_n[None, :])
-                    if BLOCK_M == 1 or not PAIRED_UNPACK:
+                    if not PAIRED_UNPACK:
                         codes = (words[:, None, :] >> shifts[None, :, None]) & maxq  # (words, per_word, BLOCK_N)
                 if BLOCK_M == 1:
                     k3 = start + channel
@@ -169,7 +171,7 @@ if _HAS_TRITON:
                             tl.trans(words), x.dtype, BITS, CODE_BITS, CODE_OFFSET, FOLD_OFFSET, BLOCK_N, BLOCK_K
                         )
                         # x into the codes' paired order, after the row sums (order-free) and the loads (vectorized)
-                        x = _swap_within_words(x, BLOCK_M, words_per_block, 2, per_word // 2)
+                        x = _to_paired_order(x, BLOCK_M, words_per_block, per_word)
                         if not SWAP_AB:
                             values = tl.trans(values)
                     elif PER_CODE_LOAD:

@@ -111,8 +111,14 @@ def _plan(config: dict, dtype: torch.dtype, bits: int) -> tuple[int, int, int, d
     code_bits = config.pop("CODE_BITS", code_bits)  # a benchmark may ask for converted codes (0)
     code_offset, fold = config.pop("CODE_OFFSET", code_offset), config.pop("FOLD_OFFSET", fold)
     kwargs = {"BITS": bits, "CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
-    # the paired unpacking builds floats from the codes' bits, and loads whole words (not a per-code load)
-    kwargs["PAIRED_UNPACK"] = bool(config.get("PAIRED_UNPACK")) and bool(code_bits) and not config.get("PER_CODE_LOAD")
+    # the paired unpacking makes tensor-core operands (not the one-row path's fp32) from the codes' bits (not
+    # converted codes) and loads whole words (not a per-code load)
+    kwargs["PAIRED_UNPACK"] = (
+        bool(config.get("PAIRED_UNPACK"))
+        and config["BLOCK_M"] > 1
+        and bool(code_bits)
+        and not config.get("PER_CODE_LOAD")
+    )
     return split_k, config["BLOCK_M"], config["BLOCK_N"], kwargs
 
 
