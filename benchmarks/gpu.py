@@ -53,6 +53,9 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers 5.25 swaps in kernels from the Hub by default (`kernels`): none can be fetched offline, and the figures
+# compare the projections' kernels, so every model keeps transformers' own layers
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the gpu_bench package beside this file
 

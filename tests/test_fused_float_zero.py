@@ -17,9 +17,14 @@ from peft_qalora.kernels.fused_float_zero import _HAS_TRITON
 pytestmark = pytest.mark.skipif(not _HAS_TRITON, reason="Triton is not installed")
 
 
-def _run_script(script: str, interpret: bool) -> None:
-    """Run ``script`` in a fresh process (in Triton's interpreter, or compiled for the GPU); it must print "ok"."""
+def _run_script(script: str, interpret: bool, dynamo: bool = False) -> None:
+    """Run ``script`` in a fresh process (in Triton's interpreter, or compiled for the GPU); it must print "ok".
+
+    ``dynamo``: leave ``torch.compile`` on (it is off otherwise, as in the rest of the suite).
+    """
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", **({"TRITON_INTERPRET": "1"} if interpret else {})}
+    if dynamo:
+        env.pop("TORCHDYNAMO_DISABLE")
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
         check=False,
@@ -202,6 +207,62 @@ print("ok")
 def test_split_sums_in_kernel_at_7b_shapes_on_cuda():
     """The default tiles of q / gate / down projections at 1-64 rows in bf16: one launch bit for bit the two."""
     _run_script(_SUM_IN_KERNEL_7B, interpret=False)
+
+
+# The op under torch.compile (the static-cache decoding path): one graph with no break, the same bits as the eager
+# call, with CUDA graphs too, and the split-K sums where the switch puts them: in the kernel's last program per tile
+# (no second kernel in the graph) or in the second kernel.
+_COMPILED = """
+import torch
+from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity, profile
+from peft_qalora import FloatZeroGPTQLinear
+from peft_qalora.gptq import pack_qweight
+from peft_qalora.kernels import set_fused_gemm
+
+def cuda_kernels(fn):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+generator = torch.Generator().manual_seed(0)
+for K, N in ((1024, 96), (4096, 11008)):
+    layer = FloatZeroGPTQLinear(4, 128, K, N)
+    layer.qweight = pack_qweight(torch.randint(0, 16, (K, N), generator=generator), 4)
+    layer.scales = (torch.rand(K // 128, N, generator=generator) * 0.02 + 0.001).half()
+    layer.zeros = 8 + torch.randn(K // 128, N, generator=generator) * 0.05
+    layer = layer.cuda()
+    for rows in (1, 16):
+        x = torch.randn(rows, K, generator=generator).bfloat16().cuda()
+        with torch.no_grad():
+            set_fused_gemm(True, sum_in_kernel=True)
+            eager = layer(x)
+            for sum_in_kernel in (True, False):
+                set_fused_gemm(True, sum_in_kernel=sum_in_kernel)
+                for mode in ("default", "reduce-overhead"):
+                    torch._dynamo.reset()
+                    counters["stats"].clear()
+                    compiled = torch.compile(layer, fullgraph=True, mode=mode)
+                    for _ in range(3):  # reduce-overhead records its CUDA graph on a later call
+                        out = compiled(x).clone()
+                        assert torch.equal(out, eager), (K, N, rows, sum_in_kernel, mode, (out - eager).abs().max())
+                    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # compiled, once
+                    if mode == "default":
+                        names = cuda_kernels(lambda: compiled(x))
+                        assert any("_float_zero_mm_kernel" in name for name in names), names
+                        second = any("_sum_splits_kernel" in name for name in names)
+                        assert second == (not sum_in_kernel), (K, N, rows, sum_in_kernel, names)
+set_fused_gemm(True, sum_in_kernel=True)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_compiled_op_equals_the_eager_call_on_cuda():
+    """torch.compile (fullgraph, with and without CUDA graphs) of a merged layer: the eager call's bits, one kernel
+    per call when the sums are in the kernel and two when they are not."""
+    _run_script(_COMPILED, interpret=False, dynamo=True)
 
 
 # Direct launches of the cached compiled kernels (kernels/triton_launch.py) against Triton's JIT launching them: the

@@ -49,13 +49,13 @@ class FusedCall:
     """``x @ (s * (q - z'))`` for ``rows`` x ``in_features`` inputs of one dtype on one device.
 
     ``config``: a caller's tile (benchmarks, tests) instead of the default for the rows' bucket. ``sum_in_kernel``:
-    split-K partial sums added by the last program of each tile (one launch, eager only). ``traced``: launch through
+    split-K partial sums added by the last program of each tile (one launch). ``traced``: launch through
     ``torch.library.wrap_triton`` (inside the custom op, under ``torch.compile``); otherwise through
     :class:`~.triton_launch.CachedLaunch`, which launches the compiled kernels directly from the second call on.
     """
 
     __slots__ = ("rows", "out_features", "dtype", "device", "split_k", "sum_in_kernel", "traced", "weights", "_mm")
-    __slots__ += ("_scalars", "_counters", "_sum", "_total")
+    __slots__ += ("_scalars", "_tiles", "_counters", "_sum", "_total")
 
     def __init__(
         self,
@@ -81,16 +81,19 @@ class FusedCall:
         split_k, block_m, block_n, kwargs = plan
         self.rows, self.out_features, self.dtype, self.device = rows, out_features, dtype, device
         self.split_k, self.traced = split_k, traced
-        self.sum_in_kernel = sum_in_kernel and split_k > 1 and not traced
+        self.sum_in_kernel = sum_in_kernel and split_k > 1
         self.weights = (qweight, scales, zeros)
         # the inputs are contiguous: their row stride is in_features
-        self._scalars = (rows, out_features, in_features, group_size, split_k, in_features)
+        self._scalars = (rows, out_features, in_features, group_size, in_features)
         grid = (_cdiv(out_features, block_n), _cdiv(rows, block_m), split_k)
-        self._counters = _tile_counters(device, qweight.data_ptr(), grid[0] * grid[1]) if self.sum_in_kernel else None
+        self._tiles = grid[0] * grid[1]
+        # eager: one set of counters per layer, kept; traced: zeros made inside the graph on every call (a tensor the
+        # op kept would be a constant of the graph, which the op has to leave unchanged)
+        eager_sums = self.sum_in_kernel and not traced
+        self._counters = _tile_counters(device, qweight.data_ptr(), self._tiles) if eager_sums else None
         # the input, the outputs (partial sums, result) and the counters vary from call to call
-        self._mm = self._launcher(
-            _float_zero_mm_kernel, grid, {"SUM_IN_KERNEL": self.sum_in_kernel, **kwargs}, (0, 4, 11, 12)
-        )
+        constexprs = {"SPLIT_K": split_k, "SUM_IN_KERNEL": self.sum_in_kernel, **kwargs}
+        self._mm = self._launcher(_float_zero_mm_kernel, grid, constexprs, (0, 4, 10, 11))
         self._total = rows * out_features
         self._sum = None
         if split_k > 1 and not self.sum_in_kernel:
@@ -117,7 +120,10 @@ class FusedCall:
         else:
             out = torch.empty((self.split_k, rows, out_features), device=device, dtype=torch.float32)
         if self.sum_in_kernel:
-            result, counters = torch.empty((rows, out_features), device=device, dtype=self.dtype), self._counters
+            result = torch.empty((rows, out_features), device=device, dtype=self.dtype)
+            counters = self._counters
+            if counters is None:  # traced
+                counters = torch.zeros(self._tiles, device=device, dtype=torch.int32)
         elif self.traced:  # distinct (empty) tensors, so that no argument of the traced kernel aliases another
             result, counters = x.new_empty(0), x.new_empty(0, dtype=torch.int32)
         else:

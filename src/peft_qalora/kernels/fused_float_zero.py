@@ -41,17 +41,18 @@ from .fused_tiles import _INTERPRET, _block_k
 # Up to this many rows the fused kernel runs; above it dequantize-then-cuBLAS (benchmarks/results/gpu.md, issue 14).
 FUSED_MAX_ROWS = 64
 _FUSED = True
-# Eager split-K calls add their partial sums inside the kernel (one launch) instead of in a second kernel: the same
-# bits (CUDA tests at 7B shapes, 1-64 rows), and eager decoding is launch-bound: 7B greedy decoding on an H200 at
-# 1.13-1.24x the two kernels' tokens/s (benchmarks/results/gpu.md, runs 17 and 18). Compiled graphs take two kernels.
+# Split-K calls add their partial sums inside the kernel (one launch) instead of in a second kernel: the same bits
+# (CUDA tests at 7B shapes, 1-64 rows), and eager decoding is launch-bound: 7B greedy decoding on an H200 at
+# 1.13-1.24x the two kernels' tokens/s (benchmarks/results/gpu.md, runs 17 and 18). torch.compile reads the switch
+# when it traces a graph (and guards on it).
 _SUM_IN_KERNEL = True
 _SWITCHES = (_FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL)  # part of every prepared call's key: a change prepares anew
 
 
 def set_fused_gemm(enabled: bool, max_rows: int | None = None, sum_in_kernel: bool | None = None) -> None:
     """Turn the fused small-batch kernel on (default) or off, and optionally set the largest row count it takes and
-    whether eager calls that split K add the partial sums in the kernel itself (one launch per call, the default)
-    or in a second kernel."""
+    whether calls that split K add the partial sums in the kernel itself (one launch per call, the default) or in a
+    second kernel. A graph ``torch.compile`` has already traced keeps what it saw."""
     global _FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL, _SWITCHES
     _FUSED = bool(enabled)
     if max_rows is not None:
@@ -66,10 +67,25 @@ if _HAS_TRITON:
 
     @triton_op("peft_qalora::float_zero_mm", mutates_args=())
     def float_zero_mm(
-        x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bits: int,
+        group_size: int,
+        sum_in_kernel: bool = True,
     ) -> torch.Tensor:
-        """``x @ (s * (q - z'))`` for a 2-D ``x`` (rows x in_features); the fused kernel as a traceable op."""
-        return FusedCall(qweight, scales, zeros, bits, group_size, x.shape[0], x.dtype, x.device, traced=True)(x)
+        """``x @ (s * (q - z'))`` for a 2-D ``x`` (rows x in_features); the fused kernel as a traceable op.
+
+        ``sum_in_kernel``: split-K partial sums added by the kernel's last program per tile (one launch; its tile
+        counters are zeros made in the graph) rather than by a second kernel. An argument, not the module switch, so
+        that it is part of the graph that compile caches key on.
+        """
+        rows, dtype, device = x.shape[0], x.dtype, x.device
+        call = FusedCall(
+            qweight, scales, zeros, bits, group_size, rows, dtype, device, sum_in_kernel=sum_in_kernel, traced=True
+        )
+        return call(x)
 
 
 def fused_supported(layer: nn.Module, x: torch.Tensor, max_rows: int | None = -1) -> bool:
@@ -153,7 +169,7 @@ def float_zero_gemm(
         flat = _as_rows(x)
         weights = _kernel_operands(layer)
         if torch.compiler.is_compiling():
-            out = torch.ops.peft_qalora.float_zero_mm(flat, *weights)
+            out = torch.ops.peft_qalora.float_zero_mm(flat, *weights, _SUM_IN_KERNEL)
         else:  # a caller's tile, or a row limit of its own: built for this call only
             sum_in_kernel = config.get("SUM_IN_KERNEL", _SUM_IN_KERNEL) if config else _SUM_IN_KERNEL
             call = FusedCall(*weights, flat.shape[0], x.dtype, x.device, config=config, sum_in_kernel=sum_in_kernel)

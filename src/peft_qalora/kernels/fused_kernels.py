@@ -90,11 +90,11 @@ if _HAS_TRITON:
         N,
         K,
         group_size,
-        split_k,
         stride_xm,
         result_ptr,  # SUM_IN_KERNEL: (rows, N) in the activation dtype, which the last program of each tile writes
         counter_ptr,  # SUM_IN_KERNEL: int32 per output tile, zero between calls (the last program resets it)
         BITS: tl.constexpr,
+        SPLIT_K: tl.constexpr,  # programs along K (grid axis 2); constant only where the one-row sum unrolls on it
         CODE_BITS: tl.constexpr,  # != 0: a code becomes the 16-bit float CODE_OFFSET + q by bit pattern
         CODE_OFFSET: tl.constexpr,
         FOLD_OFFSET: tl.constexpr,  # take CODE_OFFSET out once per group (bf16) instead of per code (fp16)
@@ -113,6 +113,9 @@ if _HAS_TRITON:
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
+        # the split as a runtime value (the grid's) in the loops of the tensor-core tiles: with the constant, the
+        # 16-row tile took 1.03-1.04x the GPU time on gate and down (benchmarks/results/gpu.md, seventh pass)
+        split_k = tl.num_programs(2)
         per_word: tl.constexpr = 32 // BITS
         words_per_block: tl.constexpr = BLOCK_K // per_word
         maxq: tl.constexpr = (1 << BITS) - 1
@@ -224,8 +227,13 @@ if _HAS_TRITON:
             arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if arrived == split_k - 1:
                 total = tl.load(out_ptr + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
-                for s in range(1, split_k):
-                    total += tl.load(out_ptr + s * M * N + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
+                # one row: unrolled, the loads in flight together (0.91-0.98x the GPU time, gpu.md seventh pass)
+                if BLOCK_M == 1:
+                    for s in tl.static_range(1, SPLIT_K):
+                        total += tl.load(out_ptr + s * M * N + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
+                else:
+                    for s in range(1, split_k):
+                        total += tl.load(out_ptr + s * M * N + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
                 tl.store(result_ptr + offs_out, total.to(result_ptr.dtype.element_ty), mask=mask_out)
                 tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call
 

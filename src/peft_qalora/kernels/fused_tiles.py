@@ -49,17 +49,21 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
     """Tile, warps and split for ``rows`` (1, 16, 32 or 64: a bucket) x ``in_features`` @ ``out_features``.
 
     From the sweeps of ``benchmarks/gpu.py --phases tiles`` on an H200 (benchmarks/results/gpu.md, issue 14): one row
-    runs fp32 multiply-adds 256 columns wide, summed per K block; 2-16 rows the swapped product (``SWAP_AB``:
-    out^T = W^T x^T, 64 output columns against 16 rows, 8 splits; 0.74-0.90x the GPU time of the 16x256 tile it
-    replaced, run 23) with Marlin's unpacking (``PAIRED_UNPACK``, two codes per 32-bit operation; 0.66-0.78x, run 25)
-    and 2 stages; more a 64x64 tile (faster at 32 rows than a 32-row tile). Other programs share K
-    (``SPLIT_K``, at most 16) until there are about 2 per multiprocessor.
+    runs fp32 multiply-adds 256 columns wide, summed per K block, one K block per program up to 32 splits; 2-16 rows
+    the swapped product (``SWAP_AB``: out^T = W^T x^T, 64 output columns against 16 rows, 8 splits, or 128 columns
+    and 4 splits on outputs of 8192 columns or more; 0.74-0.90x the GPU time of the 16x256 tile it replaced, run 23)
+    with Marlin's unpacking (``PAIRED_UNPACK``, two codes per 32-bit operation; 0.66-0.78x, run 25) and 2 stages;
+    more a 64x64 tile (faster at 32 rows than a 32-row tile), whose programs share K (``SPLIT_K``, at most 16) until
+    there are about 2 per multiprocessor.
     """
     swap = 1 < rows <= 16
+    # the swapped tile 128 columns wide with 4 splits on wide outputs: 0.90x the GPU time of 64 with 8 on gate_proj
+    # (4096 -> 11008) at 4 and 16 rows, where q_proj and down_proj (4096 columns) take 1.4-1.7x (seventh pass)
+    wide = swap and out_features >= 8192
     if rows == 1:
         block_m, block_n = 1, 256
     elif swap:  # out^T = W^T x^T: 64 output columns as the tensor cores' 64-row operand, the input rows as 16
-        block_m, block_n = 16, 64
+        block_m, block_n = 16, 128 if wide else 64
     else:
         block_m, block_n = 64, 64
     block_n = min(block_n, max(16, 1 << (out_features - 1).bit_length()))
@@ -67,8 +71,13 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
     tiles = _cdiv(out_features, block_n) * _cdiv(rows, block_m)
     chunks = _cdiv(in_features, block_k * steps)
     split_k = 1
-    if swap:  # fastest with 8 splits on all three 7B shapes (512-1376 programs), against 4 or 16 (run 20)
-        while split_k < 8 and split_k * 2 <= chunks:
+    if rows == 1:  # latency-bound: one K block per program, up to 32 (0.93-0.98x the GPU time of 8-16 on gate and
+        # down, 1.03x on q; benchmarks/results/gpu.md, seventh pass), and no more programs than measured there
+        # (gate's 1376: about 10 per multiprocessor)
+        while split_k < 32 and split_k * 2 <= chunks and tiles * split_k * 2 <= 12 * processors:
+            split_k *= 2
+    elif swap:  # 8 splits on all three 7B shapes at 64 columns (512-1376 programs), against 4 or 16 (run 20)
+        while split_k < (4 if wide else 8) and split_k * 2 <= chunks:
             split_k *= 2
     else:
         target = 2 * processors
