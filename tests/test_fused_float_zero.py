@@ -175,22 +175,31 @@ def test_split_sums_in_kernel_equal_the_second_kernel_on_cuda():
     _run_script(_SUM_IN_KERNEL.format(device="cuda", repeats=200), interpret=False)
 
 
-# The default tiles at Llama-2-7B shapes in bf16, at every row bucket: where the serve benchmark's 64-row logits probe
-# went wrong with the sums in the kernel (0.25 relative against 0.0043 with two kernels; benchmarks/results/gpu.md,
-# run 14), while the layers phase found 1 and 16 rows right. The small cases above never reach 64x64 tiles.
-_SUM_IN_KERNEL_7B = """
+# The prelude of the CUDA scripts below: a merged 4-bit layer, group size 128, random codes, fp16 scales and real-valued fp32 zeros
+# near the middle (a trained adapter's shift), drawn from the caller's generator.
+_RANDOM_LAYER = """
 import torch
 from peft_qalora import FloatZeroGPTQLinear
 from peft_qalora.gptq import pack_qweight
-from peft_qalora.kernels import float_zero_gemm, set_fused_gemm
 
-generator = torch.Generator().manual_seed(0)
-for K, N in ((4096, 4096), (4096, 11008), (11008, 4096)):
+def random_layer(K, N, generator, device="cuda"):
     layer = FloatZeroGPTQLinear(4, 128, K, N)
     layer.qweight = pack_qweight(torch.randint(0, 16, (K, N), generator=generator), 4)
     layer.scales = (torch.rand(K // 128, N, generator=generator) * 0.02 + 0.001).half()
     layer.zeros = 8 + torch.randn(K // 128, N, generator=generator) * 0.05
-    layer = layer.cuda()
+    return layer.to(device)
+"""
+
+
+# The default tiles at Llama-2-7B shapes in bf16, at every row bucket: where the serve benchmark's 64-row logits probe
+# went wrong with the sums in the kernel (0.25 relative against 0.0043 with two kernels; benchmarks/results/gpu.md,
+# run 14), while the layers phase found 1 and 16 rows right. The small cases above never reach 64x64 tiles.
+_SUM_IN_KERNEL_7B = """
+from peft_qalora.kernels import float_zero_gemm, set_fused_gemm
+
+generator = torch.Generator().manual_seed(0)
+for K, N in ((4096, 4096), (4096, 11008), (11008, 4096)):
+    layer = random_layer(K, N, generator)
     for rows in (1, 16, 32, 64):
         for _ in range(5):
             x = torch.randn(rows, K, generator=generator).bfloat16().cuda()
@@ -206,18 +215,15 @@ print("ok")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_split_sums_in_kernel_at_7b_shapes_on_cuda():
     """The default tiles of q / gate / down projections at 1-64 rows in bf16: one launch bit for bit the two."""
-    _run_script(_SUM_IN_KERNEL_7B, interpret=False)
+    _run_script(_RANDOM_LAYER + _SUM_IN_KERNEL_7B, interpret=False)
 
 
 # The op under torch.compile (the static-cache decoding path): one graph with no break, the same bits as the eager
 # call, with CUDA graphs too, and the split-K sums where the switch puts them: in the kernel's last program per tile
 # (no second kernel in the graph) or in the second kernel.
 _COMPILED = """
-import torch
 from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
-from peft_qalora import FloatZeroGPTQLinear
-from peft_qalora.gptq import pack_qweight
 from peft_qalora.kernels import set_fused_gemm
 
 def cuda_kernels(fn):
@@ -228,11 +234,7 @@ def cuda_kernels(fn):
 
 generator = torch.Generator().manual_seed(0)
 for K, N in ((1024, 96), (4096, 11008)):
-    layer = FloatZeroGPTQLinear(4, 128, K, N)
-    layer.qweight = pack_qweight(torch.randint(0, 16, (K, N), generator=generator), 4)
-    layer.scales = (torch.rand(K // 128, N, generator=generator) * 0.02 + 0.001).half()
-    layer.zeros = 8 + torch.randn(K // 128, N, generator=generator) * 0.05
-    layer = layer.cuda()
+    layer = random_layer(K, N, generator)
     for rows in (1, 16):
         x = torch.randn(rows, K, generator=generator).bfloat16().cuda()
         with torch.no_grad():
@@ -262,7 +264,7 @@ print("ok")
 def test_compiled_op_equals_the_eager_call_on_cuda():
     """torch.compile (fullgraph, with and without CUDA graphs) of a merged layer: the eager call's bits, one kernel
     per call when the sums are in the kernel and two when they are not."""
-    _run_script(_COMPILED, interpret=False, dynamo=True)
+    _run_script(_RANDOM_LAYER + _COMPILED, interpret=False, dynamo=True)
 
 
 # Direct launches of the cached compiled kernels (kernels/triton_launch.py) against Triton's JIT launching them: the
@@ -271,19 +273,12 @@ def test_compiled_op_equals_the_eager_call_on_cuda():
 # aligned (the JIT specializes on alignment too), for two layer shapes that split K, with the partial sums added in
 # the kernel (the default) and by the second kernel.
 _DIRECT_LAUNCH = """
-import torch
-from peft_qalora import FloatZeroGPTQLinear
-from peft_qalora.gptq import pack_qweight
 from peft_qalora.kernels import float_zero_gemm, set_direct_launch, set_fused_gemm
 from peft_qalora.kernels.fused_call import FusedCall
 
 generator = torch.Generator().manual_seed(0)
 for K, N in ((1024, 96), (4096, 4096)):
-    layer = FloatZeroGPTQLinear(4, 128, K, N)
-    layer.qweight = pack_qweight(torch.randint(0, 16, (K, N), generator=generator), 4)
-    layer.scales = (torch.rand(K // 128, N, generator=generator) * 0.02 + 0.001).half()
-    layer.zeros = 8 + torch.randn(K // 128, N, generator=generator) * 0.05
-    layer = layer.cuda()
+    layer = random_layer(K, N, generator)
     for dtype, sum_in_kernel in ((torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)):
         set_fused_gemm(True, sum_in_kernel=sum_in_kernel)
         for rows in (1, 2, 15, 16, 17, 32, 33, 64) if sum_in_kernel else (1, 16, 64):  # each bucket, % 16 or not
@@ -305,7 +300,7 @@ print("ok")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_direct_launch_equals_the_jit_launch_on_cuda():
     """Launching the cached compiled kernels directly computes what Triton's JIT launch does, bit for bit."""
-    _run_script(_DIRECT_LAUNCH, interpret=False)
+    _run_script(_RANDOM_LAYER + _DIRECT_LAUNCH, interpret=False)
 
 
 def test_fused_kernel_declines_what_it_does_not_cover():

@@ -44,7 +44,7 @@ _FUSED = True
 # Split-K calls add their partial sums inside the kernel (one launch) instead of in a second kernel: the same bits
 # (CUDA tests at 7B shapes, 1-64 rows), and eager decoding is launch-bound: 7B greedy decoding on an H200 at
 # 1.13-1.24x the two kernels' tokens/s (benchmarks/results/gpu.md, runs 17 and 18). torch.compile reads the switch
-# when it traces a graph (and guards on it).
+# when it traces a graph.
 _SUM_IN_KERNEL = True
 _SWITCHES = (_FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL)  # part of every prepared call's key: a change prepares anew
 
@@ -52,7 +52,7 @@ _SWITCHES = (_FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL)  # part of every prepared c
 def set_fused_gemm(enabled: bool, max_rows: int | None = None, sum_in_kernel: bool | None = None) -> None:
     """Turn the fused small-batch kernel on (default) or off, and optionally set the largest row count it takes and
     whether calls that split K add the partial sums in the kernel itself (one launch per call, the default) or in a
-    second kernel. A graph ``torch.compile`` has already traced keeps what it saw."""
+    second kernel. ``torch.compile`` reads the switches when it traces a graph."""
     global _FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL, _SWITCHES
     _FUSED = bool(enabled)
     if max_rows is not None:
