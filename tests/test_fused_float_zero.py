@@ -79,6 +79,9 @@ cases = [
     (2, 256, 64, 32, 17, dict(split, BLOCK_K=32, PAIRED_UNPACK=True, SWAP_AB=True)),
     (8, 128, 32, -1, 2, dict(split, PAIRED_UNPACK=True)),
     (8, 128, 32, -1, 2, dict(split, PAIRED_UNPACK=True, SWAP_AB=True)),
+    # Triton's register cap as a tile option (a compile option on CUDA, dropped by the interpreter)
+    (4, 512, 64, 128, 1, dict(split, BLOCK_M=1, ROW_SUM_EACH_BLOCK=True, maxnreg=64)),
+    (4, 256, 96, 64, 5, dict(split, PAIRED_UNPACK=True, SWAP_AB=True, maxnreg=64)),
 ]
 # the interpreter's tl.dot is wrong for bf16 operands (Triton 3.8): several rows run in fp16 there
 {dtypes}

@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["gptq_marlin", "gptq_triton", "gptq_torch"],
         help="GPTQModel backends timed per layer in the layers phase",
     )
-    p.add_argument("--tile-grid", default="wide", choices=["wide", "focus", "paired"], help="tiles phase: the sweep")
+    p.add_argument(
+        "--tile-grid", default="wide", choices=["wide", "focus", "paired", "occupancy"], help="tiles phase: the sweep"
+    )
     p.add_argument(
         "--tile-rows",
         nargs="+",

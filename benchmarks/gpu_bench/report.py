@@ -48,6 +48,7 @@ def render_issue14() -> list[str]:
                 "PAIRED_UNPACK": " paired",
             }
             stages = f" s{c['num_stages']}" if c.get("num_stages") else ""
+            stages += f" r{c['maxnreg']}" if c.get("maxnreg") else ""  # Triton's register cap per thread
             name = "M{BLOCK_M} N{BLOCK_N} K{BLOCK_K}x{STEPS} split{SPLIT_K} w{w}".format(w=c.get("num_warps"), **c)
             return name + stages + "".join(text for key, text in flags.items() if c.get(key))
 

@@ -57,11 +57,27 @@ def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
     tile of words, each read once per code), each alone and together. ``paired``: at 2-16 rows the swapped tile and its
     neighbours (widths, splits, stages, warps) with and without Marlin's unpacking (``PAIRED_UNPACK``: two codes per
     32-bit operation, x permuted in registers to the order it yields), at 64 rows the 64x64 tile both ways.
+    ``occupancy``: the default tiles and their neighbours in splits and widths with Triton's register cap (``maxnreg``)
+    and with 8 warps, since an Nsight Compute profile found the kernel latency-bound with occupancy capped by registers
+    (benchmarks/results/gpu.md, eighth pass; ``benchmarks/kernel_resources.py`` shows the registers on a CPU).
     """
 
     def tile(bm: int, bn: int, st: int, sk: int, w: int, **extra: Any) -> dict:
         return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "STEPS": st, "SPLIT_K": sk, "num_warps": w, **extra}
 
+    if grid == "occupancy":
+        # as compiled, two register caps (the second above the one-row kernel's 80-120 registers, below the 16-row
+        # tile's 168), and 8 warps
+        caps = [{}, {"maxnreg": 64}, {"maxnreg": 96 if rows == 1 else 128}, {"num_warps": 8}]
+        if rows == 1:
+            return [{**tile(1, 256, 1, sk, 4, ROW_SUM_EACH_BLOCK=True), **cap} for sk in (16, 32) for cap in caps]
+        if rows <= 16:
+            return [
+                {**tile(16, bn, 1, sk, 4, SWAP_AB=True, PAIRED_UNPACK=True, num_stages=2), **cap}
+                for bn, sk in ((64, 8), (64, 16), (128, 4), (128, 8))
+                for cap in caps
+            ]
+        return [{**tile(64, 64, 1, sk, 4), **cap} for sk in (4, 8) for cap in caps]
     if grid == "paired":  # the default's neighbours, each code unpacked alone and two per operation (Marlin's)
         if rows == 1:
             return []

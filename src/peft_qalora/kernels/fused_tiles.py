@@ -151,7 +151,7 @@ def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> t
         **config,
     }
     config["BLOCK_K"] = min(config.get("BLOCK_K", block_k), block_k)
-    if _INTERPRET:
-        config.pop("num_warps", None)
-        config.pop("num_stages", None)
+    if _INTERPRET:  # launch options the interpreter does not take; on CUDA they reach Triton's compile options
+        for option in ("num_warps", "num_stages", "maxnreg"):
+            config.pop(option, None)
     return _plan(config, dtype, bits)
