@@ -5,9 +5,12 @@ spills, shared memory, theoretical occupancy, waves, and SASS instructions per K
 Issue 14's Nsight Compute profile (benchmarks/results/gpu.md, eighth pass) found the kernel latency-bound: DRAM at
 about 21% of its peak, with occupancy capped by registers per thread. Registers and occupancy are a property of the
 compiled kernel, so they can be read without a GPU: this script compiles each default launch of the 7B shapes for
-``sm_90`` with the installed Triton (its ``ptxas``, no driver) and reads the cubin with Triton's ``cuobjdump``. The
-installed Triton may differ from the GPU machine's (on 2026-12-04: 3.8 here, 3.6 there; the one-row kernel took 80
-registers here and 120 there, the 16-row gate_proj tile 167 and 168): check a change on the GPU before trusting it.
+``sm_90`` with the installed Triton (its ``ptxas``, no driver) and reads the cubin with Triton's ``cuobjdump``.
+Registers depend on the Triton version: with the GPU machine's (3.6 on 2026-12-04) this gives what Nsight Compute
+measured there (occupancy and waves exactly; registers 126 vs 120 at one row, where the JIT also specializes the row
+count, 168 and 72 at 16 rows), with the tests' 3.8 80 registers at one row. A side venv with the device's version:
+``python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 numpy peft gguf safetensors tqdm
+huggingface_hub``, then ``/tmp/t36/bin/python benchmarks/kernel_resources.py``.
 
 Run: ``python benchmarks/kernel_resources.py`` (20 s on 2 cores; prints a markdown table).
 """
