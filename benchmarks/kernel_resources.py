@@ -24,18 +24,18 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(_HERE, "..", "src"), _HERE]  # the package, and the gpu_bench package beside this file
 
 import torch
 import triton
+from gpu_bench.checkpoints import LAYER_SHAPES
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from peft_qalora.kernels.fused_kernels import _float_zero_mm_kernel
 from peft_qalora.kernels.fused_tiles import _launch_plan
 
-LAYER_SHAPES = {"q_proj": (4096, 4096), "gate_proj": (4096, 11008), "down_proj": (11008, 4096)}
-_POINTERS = {"x_ptr", "qweight_ptr", "scales_ptr", "zeros_ptr", "out_ptr", "result_ptr", "counter_ptr"}
 _POINTER_TYPES = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp32",
                   "out_ptr": "*fp32", "result_ptr": "*bf16", "counter_ptr": "*i32"}  # fmt: skip
 # an H200 (sm_90): registers and warps per multiprocessor, register allocation granularity per warp
@@ -53,7 +53,7 @@ def compile_launch(rows: int, k: int, n: int, group_size: int = 128, **options):
     signature = {name: "constexpr" if name in constexprs else _POINTER_TYPES.get(name, "i32") for name in names}
     # what the JIT would know of the 7B shapes: 16-byte aligned tensors, scalars divisible by 16 (rows only from 16)
     scalars = {"N": n, "K": k, "group_size": group_size, "stride_xm": k, "M": rows}
-    divisible = [i for i, name in enumerate(names) if name in _POINTERS or scalars.get(name, 1) % 16 == 0]
+    divisible = [i for i, name in enumerate(names) if name in _POINTER_TYPES or scalars.get(name, 1) % 16 == 0]
     source = ASTSource(
         fn=_float_zero_mm_kernel,
         signature=signature,
