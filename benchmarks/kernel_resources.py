@@ -6,9 +6,9 @@ Issue 14's Nsight Compute profile (benchmarks/results/gpu.md, eighth pass) found
 about 21% of its peak, with occupancy capped by registers per thread. Registers and occupancy are a property of the
 compiled kernel, so they can be read without a GPU: this script compiles each default launch of the 7B shapes for
 ``sm_90`` with the installed Triton (its ``ptxas``, no driver) and reads the cubin with Triton's ``cuobjdump``.
-Registers depend on the Triton version: with the GPU machine's (3.6 on 2026-12-04) this gives what Nsight Compute
-measured there (occupancy and waves exactly; registers 126 vs 120 at one row, where the JIT also specializes the row
-count, 168 and 72 at 16 rows), with the tests' 3.8 80 registers at one row. A side venv with the device's version:
+Registers depend on the Triton version: with the GPU machine's (3.6 on 2026-12-04) this gave what Nsight Compute
+measured there for 5a93aa4's kernel (occupancy and waves exactly; registers 126 vs 120 at one row, where the JIT also
+specializes the row count, 168 and 72 at 16 rows), with the tests' 3.8 80 registers at one row. A side venv with the device's version:
 ``python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 numpy peft gguf safetensors tqdm
 huggingface_hub``, then ``/tmp/t36/bin/python benchmarks/kernel_resources.py``.
 

@@ -306,6 +306,44 @@ def test_direct_launch_equals_the_jit_launch_on_cuda():
     _run_script(_RANDOM_LAYER + _DIRECT_LAUNCH, interpret=False)
 
 
+# One row turns codes into floats with inline PTX on CUDA (a funnel shift and a LOP3 per code) and with Triton's own
+# shifts under the interpreter, which runs no PTX: the CPU tests check the formula, this checks that the PTX computes
+# the same bits, at the 7B shapes' default tiles and at 2/4/8 bits with the sum once per block and once at the end.
+_INLINE_PTX = """
+from peft_qalora.kernels import float_zero_gemm
+
+generator = torch.Generator().manual_seed(0)
+one_row = {"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": 128, "SPLIT_K": 32, "ROW_SUM_EACH_BLOCK": True}
+cases = [(4, K, N, dict(one_row)) for K, N in ((4096, 4096), (4096, 11008), (11008, 4096))]
+cases += [(bits, 1024, 96, dict(one_row, BLOCK_N=64, SPLIT_K=4, ROW_SUM_EACH_BLOCK=each)) for bits in (2, 4, 8)
+          for each in (True, False)]
+
+def layer_of(bits, K, N):
+    if bits == 4:
+        return random_layer(K, N, generator)
+    layer = FloatZeroGPTQLinear(bits, 128, K, N)
+    layer.qweight = pack_qweight(torch.randint(0, 2**bits, (K, N), generator=generator), bits)
+    layer.scales = (torch.rand(K // 128, N, generator=generator) * 0.02 + 0.001).half()
+    layer.zeros = 2 ** (bits - 1) + torch.randn(K // 128, N, generator=generator) * 0.05
+    return layer.cuda()
+
+for bits, K, N, config in cases:
+    layer = layer_of(bits, K, N)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(1, K, generator=generator).to(dtype).cuda()
+        ptx = float_zero_gemm(layer, x, config)
+        portable = float_zero_gemm(layer, x, dict(config, INLINE_PTX=False))
+        assert torch.equal(ptx, portable), (bits, K, N, config, dtype, (ptx - portable).abs().max())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_one_row_inline_ptx_equals_the_portable_form_on_cuda():
+    """The one-row kernel's PTX code conversion computes what its interpreter-checked Triton form does, bit for bit."""
+    _run_script(_RANDOM_LAYER + _INLINE_PTX, interpret=False)
+
+
 def test_fused_kernel_declines_what_it_does_not_cover():
     """Act-order, fp32 activations, 3-bit codes, more than FUSED_MAX_ROWS rows and inputs that need a gradient return
     None (the caller falls back)."""

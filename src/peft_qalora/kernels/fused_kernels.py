@@ -70,6 +70,40 @@ if _HAS_TRITON:
         return tl.reshape(tl.permute(tl.reshape(t, (ROWS, WORDS, 2, half)), (0, 1, 3, 2)), (ROWS, WORDS * PER_WORD))
 
     @triton.jit
+    def _biased_code_values(
+        words, BITS: tl.constexpr, INLINE_PTX: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
+        """(WORDS, codes per word, BLOCK_N) fp32 values ``2**BITS + q`` of the codes q of (WORDS, BLOCK_N) words.
+
+        Code j sits at bit ``BITS * j`` of its word: rotating the word left by ``23 - BITS - BITS * j`` (mod 32) moves
+        it to the top of an fp32 mantissa, and one mask-and-or with the bits of ``2**BITS`` makes the float, exactly.
+        Two integer operations per code, where the value ``2**23 + q`` took three and a float add to take ``2**23``
+        out again (0.79-0.82x the one-row GPU time on an H200, benchmarks/results/gpu.md, ninth pass). Its product
+        with a 16-bit x (at most 11 significant bits times ``BITS + 1``) is exact in fp32; the caller takes
+        ``2**BITS * sum(x)`` out once per K block.
+        """
+        per_word: tl.constexpr = 32 // BITS
+        top: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)  # the mantissa bits the code lands on
+        exponent: tl.constexpr = (127 + BITS) << 23  # 2**BITS
+        shape: tl.constexpr = (WORDS, per_word, BLOCK_N)
+        turn = (23 - BITS - tl.arange(0, per_word) * BITS) & 31
+        words3 = tl.broadcast_to(words[:, None, :], shape)
+        turn3 = tl.broadcast_to(turn[None, :, None], shape)
+        if INLINE_PTX:  # a funnel shift and a LOP3 with both constants; Triton's own shifts and masks make four
+            return tl.inline_asm_elementwise(
+                f"{{ .reg .b32 t; shf.l.wrap.b32 t, $1, $1, $2; lop3.b32 $0, t, {top}, {exponent}, 0xEA; }}",
+                "=r,r,r",
+                [words3, turn3],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        words3 = words3.to(tl.uint32, bitcast=True)  # the interpreter (no PTX): the same rotation, logical shifts
+        turn3 = turn3.to(tl.uint32)
+        turned = (words3 << turn3) | (words3 >> (32 - turn3))
+        return ((turned & top) | exponent).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _load_words(qweight_ptr, word_rows, columns, k_words, N, mask_columns):
         """Packed words ``qweight[word_rows, columns]`` (broadcast), zero past the matrix's edges."""
         return tl.load(
@@ -109,6 +143,7 @@ if _HAS_TRITON:
         # tensor-core tiles with CODE_BITS, never BLOCK_M 1 (the launch plan ensures it): two codes per 32-bit
         # operation (Marlin's unpacking; 2-16 rows, run 25)
         PAIRED_UNPACK: tl.constexpr,
+        INLINE_PTX: tl.constexpr,  # one row on CUDA: codes to floats in inline PTX (the interpreter runs no PTX)
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -119,6 +154,7 @@ if _HAS_TRITON:
         per_word: tl.constexpr = 32 // BITS
         words_per_block: tl.constexpr = BLOCK_K // per_word
         maxq: tl.constexpr = (1 << BITS) - 1
+        bias: tl.constexpr = 1 << BITS  # one row: the codes' float values are bias + q
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_w = tl.arange(0, words_per_block)
@@ -146,20 +182,22 @@ if _HAS_TRITON:
                 if BLOCK_M == 1 or not PER_CODE_LOAD:  # each word loaded once, unpacked with shifts
                     word_rows = start // per_word + offs_w
                     words = _load_words(qweight_ptr, word_rows[:, None], offs_n[None, :], k_words, N, mask_n[None, :])
-                    if not PAIRED_UNPACK:
+                    if BLOCK_M > 1 and not PAIRED_UNPACK:
                         codes = (words[:, None, :] >> shifts[None, :, None]) & maxq  # (words, per_word, BLOCK_N)
                 if BLOCK_M == 1:
                     k3 = start + channel
                     x3 = tl.load(x_ptr + pid_m * stride_xm + k3, mask=k3 < K, other=0.0).to(tl.float32)
-                    # a code's exact fp32 value: its bits in the mantissa of 2**23, minus 2**23 (no int->float cvt)
-                    value = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    value = _biased_code_values(words, BITS, INLINE_PTX, words_per_block, BLOCK_N)  # 2**BITS + q
                     x_sum = tl.sum(tl.sum(x3, axis=1), axis=0)
+                    # one product per operation below (x_sum * bias is exact), so the compiler's fused multiply-adds
+                    # cannot round differently between kernel variants (the split-sum tests compare their bits)
                     if ROW_SUM_EACH_BLOCK:
                         part = tl.sum(tl.sum(x3[:, :, None] * value, axis=1), axis=0)
-                        acc_row += scale * (part - x_sum * zero)
+                        acc_row += scale * (part - x_sum * bias - x_sum * zero)
                     else:  # multiply-adds only; the sum across threads happens once
                         acc3 += x3[:, :, None] * (value * scale[None, None, :])
                         acc_row -= scale * zero * x_sum
+                        acc_row -= scale * bias * x_sum
                 else:
                     offs_k = start + tl.arange(0, BLOCK_K)
                     x = tl.load(

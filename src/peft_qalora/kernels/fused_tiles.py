@@ -128,6 +128,11 @@ def _plan(config: dict, dtype: torch.dtype, bits: int) -> tuple[int, int, int, d
         and bool(code_bits)
         and not config.get("PER_CODE_LOAD")
     )
+    # one row converts codes in inline PTX where NVIDIA's compiler runs (not the interpreter, not ROCm); a caller's
+    # tile may ask for the portable form instead (INLINE_PTX=False: the same bits, tested on the GPU)
+    kwargs["INLINE_PTX"] = (
+        bool(config.get("INLINE_PTX", True)) and config["BLOCK_M"] == 1 and not _INTERPRET and torch.version.hip is None
+    )
     return split_k, config["BLOCK_M"], config["BLOCK_N"], kwargs
 
 
