@@ -9,8 +9,9 @@ probe on codes stored tile by tile (each 16 KB tile contiguous, as Marlin repack
 device copy. GPU us per call from CUDA-graph replays over enough copies of the codes to exceed the L2 cache (as in
 decoding, every call reads from HBM); TB/s is the codes' bytes over that time (scales and zeros not counted).
 
-On an H200 (benchmarks/results/gpu.md, ninth pass) the codes alone take 4.2 / 8.6 / 8.1 us on 7B's q / gate / down
-at 32 splits, where the fused call takes 9.6 / 17.7 / 17.7: half its time is arithmetic and epilogue, not reading.
+On an H200 (benchmarks/results/gpu.md, ninth pass, run 41) the codes alone take 4.1 / 7.8 / 7.3 us on 7B's q / gate /
+down at 32 splits, where the fused call took 9.6 / 17.7 / 17.7: more than half its time was arithmetic and epilogue,
+not reading (7.9 / 14.4 / 14.0 since the one-row code conversion became two integer operations, run 43).
 
     python benchmarks/code_read_floor.py
 """
