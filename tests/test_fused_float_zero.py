@@ -178,18 +178,18 @@ def test_split_sums_in_kernel_equal_the_second_kernel_on_cuda():
     _run_script(_SUM_IN_KERNEL.format(device="cuda", repeats=200), interpret=False)
 
 
-# The prelude of the CUDA scripts below: a merged 4-bit layer, group size 128, random codes, fp16 scales and real-valued fp32 zeros
-# near the middle (a trained adapter's shift), drawn from the caller's generator.
+# The prelude of the CUDA scripts below: a merged layer (4-bit unless asked), group size 128, random codes, fp16 scales
+# and real-valued fp32 zeros near the middle (a trained adapter's shift), drawn from the caller's generator.
 _RANDOM_LAYER = """
 import torch
 from peft_qalora import FloatZeroGPTQLinear
 from peft_qalora.gptq import pack_qweight
 
-def random_layer(K, N, generator, device="cuda"):
-    layer = FloatZeroGPTQLinear(4, 128, K, N)
-    layer.qweight = pack_qweight(torch.randint(0, 16, (K, N), generator=generator), 4)
+def random_layer(K, N, generator, device="cuda", bits=4):
+    layer = FloatZeroGPTQLinear(bits, 128, K, N)
+    layer.qweight = pack_qweight(torch.randint(0, 2**bits, (K, N), generator=generator), bits)
     layer.scales = (torch.rand(K // 128, N, generator=generator) * 0.02 + 0.001).half()
-    layer.zeros = 8 + torch.randn(K // 128, N, generator=generator) * 0.05
+    layer.zeros = 2 ** (bits - 1) + torch.randn(K // 128, N, generator=generator) * 0.05
     return layer.to(device)
 """
 
@@ -318,17 +318,8 @@ cases = [(4, K, N, dict(one_row)) for K, N in ((4096, 4096), (4096, 11008), (110
 cases += [(bits, 1024, 96, dict(one_row, BLOCK_N=64, SPLIT_K=4, ROW_SUM_EACH_BLOCK=each)) for bits in (2, 4, 8)
           for each in (True, False)]
 
-def layer_of(bits, K, N):
-    if bits == 4:
-        return random_layer(K, N, generator)
-    layer = FloatZeroGPTQLinear(bits, 128, K, N)
-    layer.qweight = pack_qweight(torch.randint(0, 2**bits, (K, N), generator=generator), bits)
-    layer.scales = (torch.rand(K // 128, N, generator=generator) * 0.02 + 0.001).half()
-    layer.zeros = 2 ** (bits - 1) + torch.randn(K // 128, N, generator=generator) * 0.05
-    return layer.cuda()
-
 for bits, K, N, config in cases:
-    layer = layer_of(bits, K, N)
+    layer = random_layer(K, N, generator, bits=bits)
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(1, K, generator=generator).to(dtype).cuda()
         ptx = float_zero_gemm(layer, x, config)
