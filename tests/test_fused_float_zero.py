@@ -203,7 +203,7 @@ from peft_qalora.kernels import float_zero_gemm, set_fused_gemm
 generator = torch.Generator().manual_seed(0)
 for K, N in ((4096, 4096), (4096, 11008), (11008, 4096)):
     layer = random_layer(K, N, generator)
-    for rows in (1, 16, 32, 64):
+    for rows in (1, 4, 16, 32, 64):
         for _ in range(5):
             x = torch.randn(rows, K, generator=generator).bfloat16().cuda()
             set_fused_gemm(True, sum_in_kernel=True)
@@ -217,7 +217,8 @@ print("ok")
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_split_sums_in_kernel_at_7b_shapes_on_cuda():
-    """The default tiles of q / gate / down projections at 1-64 rows in bf16: one launch bit for bit the two."""
+    """The default tiles of q / gate / down projections at 1-64 rows in bf16 (the fragment kernel's at 4 and 16 rows,
+    and at one row on gate): one launch bit for bit the two."""
     _run_script(_RANDOM_LAYER + _SUM_IN_KERNEL_7B, interpret=False)
 
 
@@ -241,7 +242,7 @@ for K, N in ((1024, 96), (4096, 11008)):
     for rows in (1, 16):
         x = torch.randn(rows, K, generator=generator).bfloat16().cuda()
         with torch.no_grad():
-            set_fused_gemm(True, sum_in_kernel=True)
+            set_fused_gemm(True, sum_in_kernel=True, mma=False)  # a traced graph runs the Triton tiles only
             eager = layer(x)
             for sum_in_kernel in (True, False):
                 set_fused_gemm(True, sum_in_kernel=sum_in_kernel)
@@ -258,15 +259,16 @@ for K, N in ((1024, 96), (4096, 11008)):
                         assert any("_float_zero_mm_kernel" in name for name in names), names
                         second = any("_sum_splits_kernel" in name for name in names)
                         assert second == (not sum_in_kernel), (K, N, rows, sum_in_kernel, names)
-set_fused_gemm(True, sum_in_kernel=True)
+set_fused_gemm(True, sum_in_kernel=True, mma=True)
 print("ok")
 """
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_compiled_op_equals_the_eager_call_on_cuda():
-    """torch.compile (fullgraph, with and without CUDA graphs) of a merged layer: the eager call's bits, one kernel
-    per call when the sums are in the kernel and two when they are not."""
+    """torch.compile (fullgraph, with and without CUDA graphs) of a merged layer: the eager call's bits (the Triton
+    tiles: the fragment kernel is eager only), one kernel per call when the sums are in the kernel and two when they
+    are not."""
     _run_script(_RANDOM_LAYER + _COMPILED, interpret=False, dynamo=True)
 
 
@@ -333,6 +335,87 @@ print("ok")
 def test_one_row_inline_ptx_equals_the_portable_form_on_cuda():
     """The one-row kernel's PTX code conversion computes what its interpreter-checked Triton form does, bit for bit."""
     _run_script(_RANDOM_LAYER + _INLINE_PTX, interpret=False)
+
+
+# The fragment kernel (kernels/fused_mma.py), which only a GPU runs: its tiles over warps, splits (one that does not
+# divide the K blocks), two K blocks per iteration with an odd block count, K blocks of 32/64/128, 1-16 rows, output
+# widths no tile divides, both 16-bit dtypes, the sums in the kernel and in the second kernel; then the default call
+# at the 7B shapes, which must be the fragment kernel at 2-16 rows. Bound and reference as in _MATCHES_FP64.
+_MMA_MATCHES_FP64 = """
+from peft_qalora.kernels import float_zero_gemm
+from peft_qalora.kernels.fused_mma import _float_zero_mma_kernel
+
+generator = torch.Generator().manual_seed(0)
+mma = {"MMA": True}
+cases = [  # K, N, rows, config
+    (384, 200, 1, dict(mma, BLOCK_M=8)),
+    (384, 200, 3, dict(mma, BLOCK_M=8, SPLIT_K=3, STEPS=2)),  # 3 blocks: the second of an iteration masked
+    (640, 72, 9, dict(mma, BLOCK_M=16, WARPS=2, SPLIT_K=4, STEPS=2)),
+    (512, 300, 16, dict(mma, BLOCK_M=16, WARPS=8, SPLIT_K=2)),
+    (512, 96, 8, dict(mma, BLOCK_M=8, BLOCK_K=64, SPLIT_K=4, SUM_IN_KERNEL=False)),
+    (256, 64, 5, dict(mma, BLOCK_M=8, BLOCK_K=32, SPLIT_K=3, STEPS=2, SUM_CHUNK=2)),
+    (4096, 11008, 16, None), (4096, 4096, 4, None), (11008, 4096, 12, None), (4096, 11008, 1, None),
+]
+for K, N, rows, config in cases:
+    gs = 128
+    codes = torch.randint(0, 16, (K, N), generator=generator)
+    layer = random_layer(K, N, generator)
+    layer.qweight = pack_qweight(codes, 4).cuda()
+    scales, zeros = layer.scales.cpu(), layer.zeros.cpu()
+    g = torch.arange(K) // gs
+    weight = (codes.double() - zeros.double()[g]) * scales.double()[g]
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(rows, K, generator=generator).to(dtype)
+        out = float_zero_gemm(layer, x.cuda(), config)
+        assert out is not None and out.dtype == dtype and out.shape == (rows, N), (K, N, rows, config, dtype)
+        exact = x.double() @ weight
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        bound = exact.abs() * ulp + 1e-6 * (x.double().abs() @ weight.abs()) + 1e-30
+        error = (out.cpu().double() - exact).abs()
+        assert (error <= bound).all(), (K, N, rows, config, dtype, (error / bound).max())
+        if dtype == torch.float16:  # the bound catches zeros kept in 16 bits
+            rounded = (codes.double() - zeros.half().double()[g]) * scales.double()[g]
+            assert ((x.double() @ rounded - exact).abs() > bound).any(), (K, N, rows)
+    if config is None:  # the default call: the fragment kernel at these shapes on sm_80+
+        kernels = [entry[0]._mm.kernel for entry in layer._kernel_cache.values() if isinstance(entry, tuple)]
+        assert kernels and all(kernel is _float_zero_mma_kernel for kernel in kernels), (K, N, rows, kernels)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_fragment_kernel_matches_fp64_reference_on_cuda():
+    """The fragment kernel's tiles and the default calls that take it: within output rounding of the fp64 product."""
+    _run_script(_RANDOM_LAYER + _MMA_MATCHES_FP64, interpret=False)
+
+
+def test_fragment_kernel_plan():
+    """Where the default plan takes the fragment kernel (2-16 rows, and one row on outputs of 8192 or more), its tile
+    (rows 8 or 16, never more splits than K blocks), and a caller's fragment tile refused where it cannot run."""
+    from peft_qalora.gptq import pack_qweight
+    from peft_qalora.kernels.fused_call import FusedCall, row_bucket
+    from peft_qalora.kernels.fused_mma import mma_supported
+    from peft_qalora.kernels.fused_tiles import _pick_config
+
+    assert [row_bucket(rows, mma=True) for rows in (1, 2, 8, 9, 16, 17)] == [1, 8, 8, 16, 16, 32]
+    assert [row_bucket(rows) for rows in (1, 2, 8, 9, 16, 17)] == [1, 16, 16, 16, 16, 32]
+    for (k, n), bucket, want in [
+        ((4096, 4096), 1, False), ((4096, 11008), 1, True), ((11008, 4096), 1, False),
+        ((4096, 4096), 8, True), ((4096, 11008), 16, True), ((11008, 4096), 16, True), ((4096, 4096), 32, False),
+    ]:  # fmt: skip
+        config = _pick_config(bucket, k, n, 128, 132, True)
+        assert bool(config.get("MMA")) == want, (k, n, bucket, config)
+        if want:
+            assert config["BLOCK_M"] == (8 if bucket <= 8 else 16)
+            assert config["SPLIT_K"] * config["STEPS"] <= k // 128
+        assert not _pick_config(bucket, k, n, 128, 132, False).get("MMA")
+    small = _pick_config(16, 256, 64, 128, 132, True)  # 2 K blocks: 2 splits at most
+    assert small["MMA"] and small["SPLIT_K"] * small["STEPS"] <= 2, small
+    assert not mma_supported(torch.device("cpu"), 4, 128, 4096)
+    qweight = pack_qweight(torch.randint(0, 16, (256, 64)), 4)
+    with pytest.raises(ValueError, match="fragment kernel"):
+        FusedCall(qweight, torch.ones(2, 64).half(), torch.ones(2, 64), 4, 128, 2, torch.float16,
+                  torch.device("cpu"), config={"MMA": True})  # fmt: skip
 
 
 def test_fused_kernel_declines_what_it_does_not_cover():

@@ -22,6 +22,7 @@ KERNEL_BACKENDS = ("gptq_torch", "gptq_triton", "auto", "gptq_exllama_v2", "gptq
 SERVE_MODELS = {
     "marlin": "GPTQ base on Marlin (`gptq_marlin`)",
     "merged": "merged (FloatZeroGPTQLinear, fused kernel, one launch per call)",
+    "merged-triton-tiles": "merged, Triton tiles only, no fragment kernel (`set_fused_gemm(True, mma=False)`)",
     "merged-jit-launch": "merged, every Triton launch through the JIT (`set_direct_launch(False)`)",
     "merged-two-kernels": "merged, split-K summed by a second kernel (`set_fused_gemm(True, sum_in_kernel=False)`)",
     "merged-tinygemm": "merged, one row through tinygemm (`set_tinygemm(True)`, eager only)",
@@ -68,7 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GPTQModel backends timed per layer in the layers phase",
     )
     p.add_argument(
-        "--tile-grid", default="wide", choices=["wide", "focus", "paired", "occupancy"], help="tiles phase: the sweep"
+        "--tile-grid",
+        default="wide",
+        choices=["wide", "focus", "paired", "occupancy", "mma"],
+        help="tiles phase: the sweep",
     )
     p.add_argument(
         "--tile-rows",

@@ -1,7 +1,8 @@
 # Copyright 2026 The peft-qalora authors. Licensed under the Apache License, Version 2.0.
 """Switches over the merged ``FloatZeroGPTQLinear`` forward, so that one process can time and compare its paths:
 ``float_zero_path`` picks the Triton or the torch dequantize, ``torch_float_zero_forward`` runs one call through the
-torch one, ``fused_two_kernels`` has a second kernel sum split K, ``jit_launch`` launches through Triton's JIT every
+torch one, ``fused_two_kernels`` has a second kernel sum split K, ``triton_tiles`` keeps eager calls off the fragment
+kernel, ``jit_launch`` launches through Triton's JIT every
 time, ``tinygemm_enabled`` / ``tinygemm_forward`` send small calls through torch's int4 matmul, and
 ``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo it) dequantizes each layer once and keeps the bf16
 weight, trading memory for speed.
@@ -56,6 +57,19 @@ def fused_two_kernels():
         yield
     finally:
         set_fused_gemm(True, sum_in_kernel=True)
+
+
+@contextlib.contextmanager
+def triton_tiles():
+    """Merged layers' eager calls take the Triton tiles, not the fragment kernel (``mma=False``; it is the default
+    where it applies)."""
+    from peft_qalora.kernels import set_fused_gemm
+
+    set_fused_gemm(True, mma=False)
+    try:
+        yield
+    finally:
+        set_fused_gemm(True, mma=True)
 
 
 @contextlib.contextmanager

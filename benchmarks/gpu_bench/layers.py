@@ -17,7 +17,7 @@ import torch
 from .checkpoints import LAYER_SHAPES, kernel_classes, llama_config, load_gptq, randomize_adapter, write_random_gptq
 from .cli import PROJECTIONS, dtype_of
 from .common import RESULTS, free_memory, log, rel
-from .float_zero import fused_two_kernels, tinygemm_forward
+from .float_zero import fused_two_kernels, tinygemm_forward, triton_tiles
 from .timing import graph_us_each, time_call
 
 
@@ -62,6 +62,10 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
         with fused_two_kernels():
             return float_zero_gemm(layer, x)
 
+    def tiles_only(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with triton_tiles():
+            return float_zero_gemm(layer, x)
+
     def every_layer(model: torch.nn.Module, short: str) -> list[torch.nn.Module]:
         return [model.get_submodule(f"model.layers.{i}.{names[short]}") for i in range(args.layers)]
 
@@ -101,6 +105,10 @@ def run_layers(args: argparse.Namespace, config: dict, tmp: str) -> None:
             candidates["merged, dispatch (FloatZeroGPTQLinear.forward)"] = (lambda m: m(x), merged)
             if rows <= 64:  # the default call, prepared per layer and shape; split K summed in the kernel
                 candidates["merged, fused kernel"] = (lambda m: float_zero_gemm(m, x), merged)
+                candidates["merged, fused kernel, Triton tiles only (set_fused_gemm(True, mma=False))"] = (
+                    lambda m: tiles_only(m, x),
+                    merged,
+                )
                 candidates["merged, fused kernel, two launches (set_fused_gemm(True, sum_in_kernel=False))"] = (
                     lambda m: two_kernels(m, x),
                     merged,

@@ -21,7 +21,7 @@ import torch
 from .checkpoints import bf16_model, kernel_classes, load_gptq, randomize_adapter, write_random_gptq
 from .cli import PROJECTIONS, SERVE_MODELS
 from .common import RESULTS, dump, free_memory, log, logits, rel
-from .float_zero import fused_two_kernels, jit_launch, tinygemm_enabled
+from .float_zero import fused_two_kernels, jit_launch, tinygemm_enabled, triton_tiles
 from .timing import Timer
 
 
@@ -68,6 +68,7 @@ def run_serve(args: argparse.Namespace, config: dict, tmp: str) -> None:
         variants = {
             "merged-jit-launch": jit_launch,
             "merged-two-kernels": fused_two_kernels,
+            "merged-triton-tiles": triton_tiles,
             "merged-tinygemm": functools.partial(tinygemm_enabled, 1),
             "merged-tinygemm16": functools.partial(tinygemm_enabled, 16),
         }

@@ -57,6 +57,8 @@ def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
     tile of words, each read once per code), each alone and together. ``paired``: at 2-16 rows the swapped tile and its
     neighbours (widths, splits, stages, warps) with and without Marlin's unpacking (``PAIRED_UNPACK``: two codes per
     32-bit operation, x permuted in registers to the order it yields), at 64 rows the 64x64 tile both ways.
+    ``mma``: the fragment kernel (``kernels/fused_mma.py``, 1-16 rows) over warps (128 columns per 4), splits and
+    K blocks per iteration, as run 46 swept it (benchmarks/results/gpu.md, tenth pass).
     ``occupancy``: the default tiles and their neighbours in splits and widths with Triton's register cap (``maxnreg``)
     and with 8 warps, since an Nsight Compute profile found the kernel latency-bound with occupancy capped by registers
     (benchmarks/results/gpu.md, eighth pass; ``benchmarks/kernel_resources.py`` shows the registers on a CPU).
@@ -65,6 +67,13 @@ def tile_grid(rows: int, grid: str = "wide") -> list[dict]:
     def tile(bm: int, bn: int, st: int, sk: int, w: int, **extra: Any) -> dict:
         return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "STEPS": st, "SPLIT_K": sk, "num_warps": w, **extra}
 
+    if grid == "mma":
+        if rows > 16:
+            return []
+        bm = 8 if rows <= 8 else 16
+        knobs = [(4, sk, st) for sk in (4, 8, 16, 32) for st in (1, 2)]
+        knobs += [(w, sk, 1) for w in (2, 8) for sk in (4, 8, 16)]
+        return [{"MMA": True, "BLOCK_M": bm, "WARPS": w, "SPLIT_K": sk, "STEPS": st} for w, sk, st in knobs]
     if grid == "occupancy":
         # as compiled, two register caps (the second above the one-row kernel's 80-120 registers, below the 16-row
         # tile's 168), and 8 warps
@@ -154,6 +163,8 @@ def run_tiles(args: argparse.Namespace) -> None:
     """
     from peft_qalora.kernels import dequantize_float_zeros, float_zero_gemm
     from peft_qalora.kernels import fused_tiles as fz
+    from peft_qalora.kernels.fused_call import row_bucket
+    from peft_qalora.kernels.fused_mma import mma_supported
 
     dtype = dtype_of(args)
     for name, (k, n) in LAYER_SHAPES.items():
@@ -179,7 +190,9 @@ def run_tiles(args: argparse.Namespace) -> None:
                 log("exact", json.dumps(record))
         for rows in sorted({1, 4, 16, 32, 64, *args.tile_rows}):
             x = torch.randn(rows, k, device=args.device, dtype=dtype)
-            default = fz._pick_config(rows, k, n, 128, fz._multiprocessors(0))
+            # the tile the default call takes: the fragment kernel's where it applies (its switch on, as by default)
+            mma = mma_supported(torch.device(args.device), 4, 128, k)
+            default = fz._pick_config(row_bucket(rows, mma), k, n, 128, fz._multiprocessors(0), mma)
             default_us = graph_us_each(lambda m: float_zero_gemm(m, x), copies)
             best = (default_us, default)
             for config in tile_grid(rows, args.tile_grid) if rows in args.tile_rows else []:
@@ -194,9 +207,8 @@ def run_tiles(args: argparse.Namespace) -> None:
                     best = (us, config)
             # the same best tile with the codes converted (int -> float) instead of built from their bits
             convert = dict(best[1], CODE_BITS=0, CODE_OFFSET=0.0, FOLD_OFFSET=False, SPLIT_K=best[1]["SPLIT_K"])
-            convert_us = (
-                graph_us_each(lambda m: float_zero_gemm(m, x, convert), copies) if best[1]["BLOCK_M"] > 1 else None
-            )
+            tensor_cores = best[1]["BLOCK_M"] > 1 and not best[1].get("MMA")  # the fragment kernel makes no such codes
+            convert_us = graph_us_each(lambda m: float_zero_gemm(m, x, convert), copies) if tensor_cores else None
             record = {
                 "layer": name,
                 "rows": rows,

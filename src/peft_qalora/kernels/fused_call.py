@@ -14,11 +14,14 @@ from __future__ import annotations
 import torch
 
 from .fused_kernels import _HAS_TRITON
+from .fused_mma import _HAS_GLUON, mma_supported
 from .fused_tiles import _block_k, _caller_plan, _cdiv, _launch_plan, _multiprocessors
 from .triton_launch import CachedLaunch
 
 if _HAS_TRITON:
     from .fused_kernels import _float_zero_mm_kernel, _sum_splits_kernel
+if _HAS_GLUON:
+    from .fused_mma import _float_zero_mma_kernel
 
 _SUM_BLOCK = 1024
 _COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -36,22 +39,28 @@ def _tile_counters(device: torch.device, weight_address: int, tiles: int) -> tor
     return counters
 
 
-def row_bucket(rows) -> int:
-    """The row count the default tile is picked for: 1, 16, 32 or 64.
+def row_bucket(rows, mma: bool = False) -> int:
+    """The row count the default tile is picked for: 1, 16, 32 or 64, and 8 for the fragment kernel's 2-8 rows.
 
     Compared rather than hashed: under ``torch.compile`` ``rows`` may be symbolic, and these comparisons become
     guards (one graph per bucket), where hashing it would fail (run 8, ``unhashable SymInt``).
     """
-    return 1 if rows == 1 else 16 if rows <= 16 else 32 if rows <= 32 else 64
+    if rows == 1:
+        return 1
+    if mma and rows <= 8:
+        return 8
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
 class FusedCall:
     """``x @ (s * (q - z'))`` for ``rows`` x ``in_features`` inputs of one dtype on one device.
 
     ``config``: a caller's tile (benchmarks, tests) instead of the default for the rows' bucket. ``sum_in_kernel``:
-    split-K partial sums added by the last program of each tile (one launch). ``traced``: launch through
-    ``torch.library.wrap_triton`` (inside the custom op, under ``torch.compile``); otherwise through
-    :class:`~.triton_launch.CachedLaunch`, which launches the compiled kernels directly from the second call on.
+    split-K partial sums added by the last program of each tile (one launch). ``mma``: the default tile may be the
+    fragment kernel's (:mod:`.fused_mma`) where it applies. ``traced``: launch through ``torch.library.wrap_triton``
+    (inside the custom op, under ``torch.compile``), with the Triton kernels only (``wrap_triton`` analyses a kernel
+    as Triton source, and Inductor writes it out under ``@triton.jit``: not Gluon); otherwise through :class:`~.triton_launch.CachedLaunch`, which launches the compiled
+    kernels directly from the second call on.
     """
 
     __slots__ = ("rows", "out_features", "dtype", "device", "split_k", "sum_in_kernel", "traced", "weights", "_mm")
@@ -70,15 +79,28 @@ class FusedCall:
         config: dict | None = None,
         sum_in_kernel: bool = False,
         traced: bool = False,
+        mma: bool = False,
     ) -> None:
         in_features, out_features = qweight.shape[0] * (32 // bits), qweight.shape[1]
         block_k = _block_k(group_size)
         if config is None:
             processors = _multiprocessors(device.index or 0)
-            plan = _launch_plan(row_bucket(rows), in_features, out_features, block_k, processors, dtype, bits)
+            mma = mma and not traced and mma_supported(device, bits, block_k, in_features)
+            bucket = row_bucket(rows, mma)
+            plan = _launch_plan(bucket, in_features, out_features, block_k, processors, dtype, bits, mma)
         else:
             plan = _caller_plan(config, block_k, dtype, bits)
         split_k, block_m, block_n, kwargs = plan
+        kwargs = dict(kwargs)  # the plan is cached: shared
+        kernel = _float_zero_mm_kernel
+        if kwargs.pop("MMA", False):  # only a caller's tile can ask for it where it does not apply
+            if traced or rows > block_m or not mma_supported(device, bits, block_k, in_features):
+                raise ValueError(
+                    f"the fragment kernel (MMA) takes up to BLOCK_M (8 or 16) rows of 4-bit codes on CUDA sm_80+, "
+                    f"untraced, K a multiple of {block_k}; got {rows} rows, {bits} bits, K={in_features} on {device}"
+                    f"{' (traced)' if traced else ''}: leave MMA out of the tile"
+                )
+            kernel = _float_zero_mma_kernel
         self.rows, self.out_features, self.dtype, self.device = rows, out_features, dtype, device
         self.split_k, self.traced = split_k, traced
         self.sum_in_kernel = sum_in_kernel and split_k > 1
@@ -93,7 +115,7 @@ class FusedCall:
         self._counters = _tile_counters(device, qweight.data_ptr(), self._tiles) if eager_sums else None
         # the input, the outputs (partial sums, result) and the counters vary from call to call
         constexprs = {"SPLIT_K": split_k, "SUM_IN_KERNEL": self.sum_in_kernel, **kwargs}
-        self._mm = self._launcher(_float_zero_mm_kernel, grid, constexprs, (0, 4, 10, 11))
+        self._mm = self._launcher(kernel, grid, constexprs, (0, 4, 10, 11))
         self._total = rows * out_features
         self._sum = None
         if split_k > 1 and not self.sum_in_kernel:

@@ -26,7 +26,8 @@ group size whose largest power-of-two divisor up to 128 is at least 16, and a la
 the custom op ``torch.ops.peft_qalora.float_zero_mm`` (``torch.library.triton_op``), so ``torch.compile`` traces
 through it with no graph break and CUDA graphs capture its launch. Eager decoding, which the CPU bounds, reuses one
 prepared call per layer and input shape (:mod:`.fused_call`) that launches the compiled kernels directly
-(:mod:`.triton_launch`). The kernels themselves are in :mod:`.fused_kernels`, their tiles in :mod:`.fused_tiles`.
+(:mod:`.triton_launch`). The kernels themselves are in :mod:`.fused_kernels`, their tiles in :mod:`.fused_tiles`;
+eager calls of 4-bit layers at 2-16 rows take the fragment kernel of :mod:`.fused_mma` where it applies.
 """
 
 from __future__ import annotations
@@ -46,20 +47,29 @@ _FUSED = True
 # 1.13-1.24x the two kernels' tokens/s (benchmarks/results/gpu.md, runs 17 and 18). torch.compile reads the switch
 # when it traces a graph.
 _SUM_IN_KERNEL = True
-_SWITCHES = (_FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL)  # part of every prepared call's key: a change prepares anew
+# Eager calls of 4-bit layers at 2-16 rows (and one row on wide outputs) take the kernel on the tensor cores'
+# register fragments (kernels/fused_mma.py) where it applies: 0.72-0.87x the Triton tiles' GPU time (gpu.md, run 46).
+_MMA = True
+_SWITCHES = (_FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL, _MMA)  # part of every prepared call's key: a change prepares anew
 
 
-def set_fused_gemm(enabled: bool, max_rows: int | None = None, sum_in_kernel: bool | None = None) -> None:
-    """Turn the fused small-batch kernel on (default) or off, and optionally set the largest row count it takes and
+def set_fused_gemm(
+    enabled: bool, max_rows: int | None = None, sum_in_kernel: bool | None = None, mma: bool | None = None
+) -> None:
+    """Turn the fused small-batch kernel on (default) or off, and optionally set the largest row count it takes,
     whether calls that split K add the partial sums in the kernel itself (one launch per call, the default) or in a
-    second kernel. ``torch.compile`` reads the switches when it traces a graph."""
-    global _FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL, _SWITCHES
+    second kernel, and whether eager calls may take the fragment kernel (``mma``, on by default where it applies:
+    4-bit codes, CUDA sm_80+, Triton with Gluon) instead of the Triton tiles. ``torch.compile`` reads the switches
+    when it traces a graph; a traced graph always runs the Triton tiles."""
+    global _FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL, _MMA, _SWITCHES
     _FUSED = bool(enabled)
     if max_rows is not None:
         FUSED_MAX_ROWS = int(max_rows)
     if sum_in_kernel is not None:
         _SUM_IN_KERNEL = bool(sum_in_kernel)
-    _SWITCHES = (_FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL)
+    if mma is not None:
+        _MMA = bool(mma)
+    _SWITCHES = (_FUSED, FUSED_MAX_ROWS, _SUM_IN_KERNEL, _MMA)
 
 
 if _HAS_TRITON:
@@ -172,7 +182,9 @@ def float_zero_gemm(
             out = torch.ops.peft_qalora.float_zero_mm(flat, *weights, _SUM_IN_KERNEL)
         else:  # a caller's tile, or a row limit of its own: built for this call only
             sum_in_kernel = config.get("SUM_IN_KERNEL", _SUM_IN_KERNEL) if config else _SUM_IN_KERNEL
-            call = FusedCall(*weights, flat.shape[0], x.dtype, x.device, config=config, sum_in_kernel=sum_in_kernel)
+            call = FusedCall(
+                *weights, flat.shape[0], x.dtype, x.device, config=config, sum_in_kernel=sum_in_kernel, mma=_MMA
+            )
             out = call(flat)
         out_shape = (*x.shape[:-1], layer.out_features)
     if layer.bias is not None:
@@ -206,7 +218,7 @@ def _prepared_call(layer: nn.Module, x: torch.Tensor) -> tuple[FusedCall, tuple]
         prepared = False
         if fused_supported(layer, x):
             rows = x.numel() // in_features
-            call = FusedCall(*_kernel_operands(layer), rows, x.dtype, x.device, sum_in_kernel=_SUM_IN_KERNEL)
+            call = FusedCall(*_kernel_operands(layer), rows, x.dtype, x.device, sum_in_kernel=_SUM_IN_KERNEL, mma=_MMA)
             prepared = (call, (*x.shape[:-1], layer.out_features))
         if cache is not None:
             cache[key] = prepared

@@ -44,9 +44,38 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count if torch.cuda.is_available() else 132
 
 
+def _mma_config(rows: int, in_features: int, out_features: int, block_k: int) -> dict:
+    """The fragment kernel's tile (:mod:`.fused_mma`) for ``rows`` (1, 8 or 16: a bucket), from run 46's sweep on an
+    H200 (benchmarks/results/gpu.md, tenth pass): 4 warps, 128 output columns per program; up to 8 rows, 8 splits on
+    wide outputs (gate_proj) and 16 with two K blocks per iteration elsewhere; 16 rows, 4 splits on wide outputs,
+    16 on long inputs (down_proj) and 8 otherwise (q_proj). Never more splits than K blocks."""
+    wide = out_features >= 8192
+    if rows <= 8:
+        split_k, steps = (8, 1) if wide else (16, 2)
+    else:
+        split_k, steps = (4 if wide else 16 if in_features > 8192 else 8), 1
+    blocks = in_features // block_k
+    while split_k > 1 and split_k * steps > blocks:
+        split_k //= 2
+    return {
+        "MMA": True,
+        "BLOCK_M": 8 if rows <= 8 else 16,
+        "BLOCK_K": block_k,
+        "WARPS": 4,
+        "STEPS": steps,
+        "SPLIT_K": split_k,
+        "SUM_CHUNK": 4,
+    }
+
+
 @functools.lru_cache(maxsize=256)
-def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, processors: int = 132) -> dict:
-    """Tile, warps and split for ``rows`` (1, 16, 32 or 64: a bucket) x ``in_features`` @ ``out_features``.
+def _pick_config(
+    rows: int, in_features: int, out_features: int, block_k: int, processors: int = 132, mma: bool = False
+) -> dict:
+    """Tile, warps and split for ``rows`` (1, 8, 16, 32 or 64: a bucket) x ``in_features`` @ ``out_features``.
+
+    ``mma``: the fragment kernel (:mod:`.fused_mma`) applies; it takes 2-16 rows, and one row on wide outputs
+    (gate_proj at one row: 13.3-13.5 us against the fp32 multiply-adds' 14.4; q and down 1.01-1.04x, run 46).
 
     From the sweeps of ``benchmarks/gpu.py --phases tiles`` on an H200 (benchmarks/results/gpu.md, issue 14): one row
     runs fp32 multiply-adds 256 columns wide, summed per K block, one K block per program up to 32 splits; 2-16 rows
@@ -56,6 +85,8 @@ def _pick_config(rows: int, in_features: int, out_features: int, block_k: int, p
     more a 64x64 tile (faster at 32 rows than a 32-row tile), whose programs share K (``SPLIT_K``, at most 16) until
     there are about 2 per multiprocessor.
     """
+    if mma and (1 < rows <= 16 or (rows == 1 and out_features >= 8192)):
+        return _mma_config(rows, in_features, out_features, block_k)
     swap = 1 < rows <= 16
     # the swapped tile 128 columns wide with 4 splits on wide outputs: 0.90x the GPU time of 64 with 8 on gate_proj
     # (4096 -> 11008) at 4 and 16 rows, where q_proj and down_proj (4096 columns) take 1.4-1.7x (seventh pass)
@@ -112,11 +143,18 @@ def _cdiv(a, b):
 
 
 def _plan(config: dict, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
-    """``(split_k, BLOCK_M, BLOCK_N, kernel keywords)`` from a tile: all of a call's Python but the launch."""
+    """``(split_k, BLOCK_M, BLOCK_N, kernel keywords)`` from a tile: all of a call's Python but the launch.
+
+    The keywords of a fragment-kernel tile hold ``MMA: True``, which picks the kernel and is not one of its own.
+    """
     config = dict(config)
     config.pop("SUM_IN_KERNEL", None)  # decided per call (eager or traced), not per tile
     split_k = config.pop("SPLIT_K")
     code_bits, code_offset, fold = _code_format(dtype, bits)
+    if config.get("MMA"):
+        kwargs = {"CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
+        kwargs["num_warps"] = config["WARPS"]
+        return split_k, config["BLOCK_M"], 32 * config["WARPS"], kwargs
     code_bits = config.pop("CODE_BITS", code_bits)  # a benchmark may ask for converted codes (0)
     code_offset, fold = config.pop("CODE_OFFSET", code_offset), config.pop("FOLD_OFFSET", fold)
     kwargs = {"BITS": bits, "CODE_BITS": code_bits, "CODE_OFFSET": code_offset, "FOLD_OFFSET": fold, **config}
@@ -138,14 +176,25 @@ def _plan(config: dict, dtype: torch.dtype, bits: int) -> tuple[int, int, int, d
 
 @functools.lru_cache(maxsize=256)
 def _launch_plan(
-    bucket: int, in_features: int, out_features: int, block_k: int, processors: int, dtype: torch.dtype, bits: int
+    bucket: int,
+    in_features: int,
+    out_features: int,
+    block_k: int,
+    processors: int,
+    dtype: torch.dtype,
+    bits: int,
+    mma: bool = False,
 ) -> tuple[int, int, int, dict]:
     """The plan for the default tile, cached: decoding asks once per layer call."""
-    return _plan(_pick_config(bucket, in_features, out_features, block_k, processors), dtype, bits)
+    return _plan(_pick_config(bucket, in_features, out_features, block_k, processors, mma), dtype, bits)
 
 
 def _caller_plan(config: dict, block_k: int, dtype: torch.dtype, bits: int) -> tuple[int, int, int, dict]:
     """The plan for a caller's tile (benchmarks, tests): K blocks may never span two groups."""
+    if config.get("MMA"):
+        defaults = {"BLOCK_M": 16, "WARPS": 4, "STEPS": 1, "SPLIT_K": 1, "SUM_CHUNK": 4}
+        config = {**defaults, **config, "BLOCK_K": min(config.get("BLOCK_K", block_k), block_k)}
+        return _plan(config, dtype, bits)
     config = {
         "STEPS": 1,
         "SPLIT_K": 1,
