@@ -59,8 +59,8 @@ class FusedCall:
     split-K partial sums added by the last program of each tile (one launch). ``mma``: the default tile may be the
     fragment kernel's (:mod:`.fused_mma`) where it applies. ``traced``: launch through ``torch.library.wrap_triton``
     (inside the custom op, under ``torch.compile``), with the Triton kernels only (``wrap_triton`` analyses a kernel
-    as Triton source, and Inductor writes it out under ``@triton.jit``: not Gluon); otherwise through :class:`~.triton_launch.CachedLaunch`, which launches the compiled
-    kernels directly from the second call on.
+    as Triton source, and Inductor writes it out under ``@triton.jit``: not Gluon); otherwise through
+    :class:`~.triton_launch.CachedLaunch`, which launches the compiled kernels directly from the second call on.
     """
 
     __slots__ = ("rows", "out_features", "dtype", "device", "split_k", "sum_in_kernel", "traced", "weights", "_mm")

@@ -50,9 +50,6 @@ try:  # Gluon is experimental in Triton: its absence or a changed API only turns
 except Exception:  # noqa: BLE001  # pragma: no cover - depends on the install
     _HAS_GLUON = False
 
-_ROWS = 16  # the most rows a program's fragments hold (two n8 steps)
-
-
 @functools.cache
 def _capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # mma.sync with bf16 operands
