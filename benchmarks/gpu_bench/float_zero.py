@@ -2,10 +2,9 @@
 """Switches over the merged ``FloatZeroGPTQLinear`` forward, so that one process can time and compare its paths:
 ``float_zero_path`` picks the Triton or the torch dequantize, ``torch_float_zero_forward`` runs one call through the
 torch one, ``fused_two_kernels`` has a second kernel sum split K, ``triton_tiles`` keeps eager calls off the fragment
-kernel, ``jit_launch`` launches through Triton's JIT every
-time, ``tinygemm_enabled`` / ``tinygemm_forward`` send small calls through torch's int4 matmul, and
-``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo it) dequantizes each layer once and keeps the bf16
-weight, trading memory for speed.
+kernel, ``jit_launch`` launches through Triton's JIT every time, ``tinygemm_enabled`` / ``tinygemm_forward`` send
+small calls through torch's int4 matmul, and ``float_zero_cached_forward`` (with ``drop_cached_weights`` to undo it)
+dequantizes each layer once and keeps the bf16 weight, trading memory for speed.
 """
 
 from __future__ import annotations
