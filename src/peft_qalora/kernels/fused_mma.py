@@ -28,7 +28,8 @@ gate_proj; at one row on q/down_proj the fp32 multiply-add kernel stays (1.01-1.
 :mod:`.fused_tiles`, the launch in :mod:`.fused_call`.
 
 Needs NVIDIA's compiler (no interpreter, no ROCm), compute capability 8.0 or newer, and a Triton with Gluon's
-``mma_v2`` and linear layouts (3.6 and 3.8 checked); :func:`mma_supported` says where it applies.
+``mma_v2`` and linear layouts (run on a GPU with Triton 3.6, compiled with 3.8); :func:`mma_supported` says where it
+applies.
 """
 
 from __future__ import annotations
