@@ -27,9 +27,9 @@ tenth pass, runs 45-46): 0.72-0.87x the GPU time at 4 and 16 rows on all three 7
 gate_proj; at one row on q/down_proj the fp32 multiply-add kernel stays (1.01-1.04x). The plan is in
 :mod:`.fused_tiles`, the launch in :mod:`.fused_call`.
 
-Needs NVIDIA's compiler (no interpreter, no ROCm), compute capability 8.0 or newer, and a Triton with Gluon's
-``mma_v2`` and linear layouts (run on a GPU with Triton 3.6, compiled with 3.8); :func:`mma_supported` says where it
-applies.
+Needs NVIDIA's compiler (no interpreter, no ROCm), compute capability 8.0 or newer, and Triton 3.6 or newer with
+Gluon's ``mma_v2`` and linear layouts (run on a GPU with 3.6, compiled with 3.8; elsewhere the Triton tiles run);
+:func:`mma_supported` says where it applies.
 """
 
 from __future__ import annotations
@@ -40,16 +40,23 @@ import torch
 
 from .fused_tiles import _INTERPRET
 
+_OLDEST_TRITON = (3, 6)  # Gluon's API moves between releases: older ones were never run with this kernel
+
 try:  # Gluon is experimental in Triton: its absence or a changed API only turns this kernel off
+    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.runtime.jit import constexpr_function
 
-    _HAS_GLUON = hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "inline_asm_elementwise")
+    _release = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    _HAS_GLUON = (
+        _release >= _OLDEST_TRITON and hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "inline_asm_elementwise")
+    )
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # Triton 3.6's name, and 3.8's
 except Exception:  # noqa: BLE001  # pragma: no cover - depends on the install
     _HAS_GLUON = False
+
 
 @functools.cache
 def _capable(device_index: int) -> bool:
