@@ -92,15 +92,17 @@ class FusedCall:
             plan = _caller_plan(config, block_k, dtype, bits)
         split_k, block_m, block_n, kwargs = plan
         kwargs = dict(kwargs)  # the plan is cached: shared
-        kernel = _float_zero_mm_kernel
-        if kwargs.pop("MMA", False):  # only a caller's tile can ask for it where it does not apply
-            if traced or rows > block_m or not mma_supported(device, bits, block_k, in_features):
-                raise ValueError(
-                    f"the fragment kernel (MMA) takes up to BLOCK_M (8 or 16) rows of 4-bit codes on CUDA sm_80+, "
-                    f"untraced, K a multiple of {block_k}; got {rows} rows, {bits} bits, K={in_features} on {device}"
-                    f"{' (traced)' if traced else ''}: leave MMA out of the tile"
-                )
-            kernel = _float_zero_mma_kernel
+        fragment = kwargs.pop("MMA", False)
+        # the default plan takes the fragment kernel only where it applies (checked above); a caller's tile may ask
+        # for it anywhere
+        caller_fragment = fragment and config is not None
+        if caller_fragment and (traced or rows > block_m or not mma_supported(device, bits, block_k, in_features)):
+            raise ValueError(
+                f"the fragment kernel (MMA) takes up to BLOCK_M (8 or 16) rows of 4-bit codes on CUDA sm_80+, "
+                f"untraced, K a multiple of {block_k}; got {rows} rows, {bits} bits, K={in_features} on {device}"
+                f"{' (traced)' if traced else ''}: leave MMA out of the tile"
+            )
+        kernel = _float_zero_mma_kernel if fragment else _float_zero_mm_kernel
         self.rows, self.out_features, self.dtype, self.device = rows, out_features, dtype, device
         self.split_k, self.traced = split_k, traced
         self.sum_in_kernel = sum_in_kernel and split_k > 1

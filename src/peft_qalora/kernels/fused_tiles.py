@@ -14,6 +14,8 @@ import os
 import torch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it at import too
+# outputs this wide (gate_proj, up_proj at 7B) get their own tiles, one row the fragment kernel too (sweeps on an H200)
+_WIDE_OUTPUTS = 8192
 
 
 def _block_k(group_size: int) -> int:
@@ -49,7 +51,7 @@ def _mma_config(rows: int, in_features: int, out_features: int, block_k: int) ->
     H200 (benchmarks/results/gpu.md, tenth pass): 4 warps, 128 output columns per program; up to 8 rows, 8 splits on
     wide outputs (gate_proj) and 16 with two K blocks per iteration elsewhere; 16 rows, 4 splits on wide outputs,
     16 on long inputs (down_proj) and 8 otherwise (q_proj). Never more splits than K blocks."""
-    wide = out_features >= 8192
+    wide = out_features >= _WIDE_OUTPUTS
     if rows <= 8:
         split_k, steps = (8, 1) if wide else (16, 2)
     else:
@@ -85,12 +87,12 @@ def _pick_config(
     more a 64x64 tile (faster at 32 rows than a 32-row tile), whose programs share K (``SPLIT_K``, at most 16) until
     there are about 2 per multiprocessor.
     """
-    if mma and (1 < rows <= 16 or (rows == 1 and out_features >= 8192)):
+    if mma and (1 < rows <= 16 or (rows == 1 and out_features >= _WIDE_OUTPUTS)):
         return _mma_config(rows, in_features, out_features, block_k)
     swap = 1 < rows <= 16
     # the swapped tile 128 columns wide with 4 splits on wide outputs: 0.90x the GPU time of 64 with 8 on gate_proj
     # (4096 -> 11008) at 4 and 16 rows, where q_proj and down_proj (4096 columns) take 1.4-1.7x (seventh pass)
-    wide = swap and out_features >= 8192
+    wide = swap and out_features >= _WIDE_OUTPUTS
     if rows == 1:
         block_m, block_n = 1, 256
     elif swap:  # out^T = W^T x^T: 64 output columns as the tensor cores' 64-row operand, the input rows as 16
