@@ -40,7 +40,27 @@ def _interpret(script: str) -> None:
     _run_script(script, interpret=True)
 
 
-# Run in the interpreter (CPU) and on CUDA: the layers, the reference and the bound, as a script.
+# The exactness bound of the fp64 scripts below: one ulp of the output dtype (the interpreter may truncate where the
+# GPU rounds) plus fp32 accumulation error relative to the sum of |terms|; in fp16 at up to 4 bits it is tight enough
+# to catch zeros kept in 16 bits, which the check asserts too. The reference is built from the test's own codes,
+# scales and fp32 zeros, in fp64.
+_WITHIN_ROUNDING = """
+import torch
+
+def assert_within_rounding(out, x, codes, scales, zeros, g, bits, context):
+    weight = (codes.double() - zeros.double()[g]) * scales.double()[g]  # (K, N)
+    exact = x.double() @ weight
+    ulp = 2.0**-7 if x.dtype == torch.bfloat16 else 2.0**-10
+    bound = exact.abs() * ulp + 1e-6 * (x.double().abs() @ weight.abs()) + 1e-30
+    error = (out.cpu().double() - exact).abs()
+    assert (error <= bound).all(), (*context, x.dtype, (error / bound).max())
+    if x.dtype == torch.float16 and bits <= 4:
+        rounded = (codes.double() - zeros.half().double()[g]) * scales.double()[g]
+        assert ((x.double() @ rounded - exact).abs() > bound).any(), context
+"""
+
+
+# Run in the interpreter (CPU) and on CUDA: the layers and the cases, as a script (after _WITHIN_ROUNDING).
 _MATCHES_FP64 = """
 import torch
 from peft_qalora import FloatZeroGPTQLinear
@@ -97,22 +117,11 @@ for bits, K, N, group_size, rows, config in cases:
     layer.g_idx = (torch.arange(K) // gs).int()
     layer = layer.to(device)
     g = torch.arange(K) // gs
-    weight = (codes.double() - zeros.double()[g]) * scales.double()[g]  # (K, N)
     for dtype in dtypes_for(rows):
         x = torch.randn(rows, K).to(dtype)
         out = float_zero_gemm(layer, x.to(device), config)
         assert out is not None and out.dtype == dtype and out.shape == (rows, N), (bits, K, rows, dtype)
-        out = out.cpu()
-        exact = x.double() @ weight
-        # one ulp of the output dtype (the interpreter may truncate where the GPU rounds), plus fp32
-        # accumulation error relative to the sum of |terms|
-        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-        bound = exact.abs() * ulp + 1e-6 * (x.double().abs() @ weight.abs()) + 1e-30
-        error = (out.double() - exact).abs()
-        assert (error <= bound).all(), (bits, K, N, group_size, rows, config, dtype, (error / bound).max())
-        if dtype == torch.float16 and bits <= 4:  # the bound is tight enough to catch zeros kept in 16 bits
-            rounded = (codes.double() - zeros.half().double()[g]) * scales.double()[g]
-            assert ((x.double() @ rounded - exact).abs() > bound).any(), (bits, K, rows)
+        assert_within_rounding(out, x, codes, scales, zeros, g, bits, (bits, K, N, group_size, rows, config))
 print("ok")
 """
 
@@ -120,14 +129,14 @@ print("ok")
 def test_fused_kernel_matches_fp64_reference():
     """2/4/8 bits, one row and several, a shorter last group, one group per row, split-K: within output rounding."""
     dtypes = "def dtypes_for(rows):\n    return (torch.bfloat16, torch.float16) if rows == 1 else (torch.float16,)"
-    _interpret(_MATCHES_FP64.format(device="cpu", dtypes=dtypes))
+    _interpret(_WITHIN_ROUNDING + _MATCHES_FP64.format(device="cpu", dtypes=dtypes))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_fused_kernel_matches_fp64_reference_on_cuda():
     """The same cases compiled for the GPU, bf16 tensor-core tiles included (the interpreter cannot run those)."""
     dtypes = "def dtypes_for(rows):\n    return (torch.bfloat16, torch.float16)"
-    _run_script(_MATCHES_FP64.format(device="cuda", dtypes=dtypes), interpret=False)
+    _run_script(_WITHIN_ROUNDING + _MATCHES_FP64.format(device="cuda", dtypes=dtypes), interpret=False)
 
 
 # The split-K sums added by the last program of each tile (one launch) against the second kernel: the same fp32
@@ -340,7 +349,7 @@ def test_one_row_inline_ptx_equals_the_portable_form_on_cuda():
 # The fragment kernel (kernels/fused_mma.py), which only a GPU runs: its tiles over warps, splits (one that does not
 # divide the K blocks), two K blocks per iteration with an odd block count, K blocks of 32/64/128, 1-16 rows, output
 # widths no tile divides, both 16-bit dtypes, the sums in the kernel and in the second kernel; then the default call
-# at the 7B shapes, which must be the fragment kernel at 2-16 rows. Bound and reference as in _MATCHES_FP64.
+# at the 7B shapes, which must be the fragment kernel at 2-16 rows. Bound and reference: _WITHIN_ROUNDING.
 _MMA_MATCHES_FP64 = """
 from peft_qalora.kernels import float_zero_gemm
 from peft_qalora.kernels.fused_mma import _float_zero_mma_kernel
@@ -363,19 +372,11 @@ for K, N, rows, config in cases:
     layer.qweight = pack_qweight(codes, 4).cuda()
     scales, zeros = layer.scales.cpu(), layer.zeros.cpu()
     g = torch.arange(K) // gs
-    weight = (codes.double() - zeros.double()[g]) * scales.double()[g]
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(rows, K, generator=generator).to(dtype)
         out = float_zero_gemm(layer, x.cuda(), config)
         assert out is not None and out.dtype == dtype and out.shape == (rows, N), (K, N, rows, config, dtype)
-        exact = x.double() @ weight
-        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-        bound = exact.abs() * ulp + 1e-6 * (x.double().abs() @ weight.abs()) + 1e-30
-        error = (out.cpu().double() - exact).abs()
-        assert (error <= bound).all(), (K, N, rows, config, dtype, (error / bound).max())
-        if dtype == torch.float16:  # the bound catches zeros kept in 16 bits
-            rounded = (codes.double() - zeros.half().double()[g]) * scales.double()[g]
-            assert ((x.double() @ rounded - exact).abs() > bound).any(), (K, N, rows)
+        assert_within_rounding(out, x, codes, scales, zeros, g, 4, (K, N, rows, config))
     if config is None:  # the default call: the fragment kernel at these shapes on sm_80+
         kernels = [entry[0]._mm.kernel for entry in layer._kernel_cache.values() if isinstance(entry, tuple)]
         assert kernels and all(kernel is _float_zero_mma_kernel for kernel in kernels), (K, N, rows, kernels)
@@ -386,7 +387,7 @@ print("ok")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_fragment_kernel_matches_fp64_reference_on_cuda():
     """The fragment kernel's tiles and the default calls that take it: within output rounding of the fp64 product."""
-    _run_script(_RANDOM_LAYER + _MMA_MATCHES_FP64, interpret=False)
+    _run_script(_RANDOM_LAYER + _WITHIN_ROUNDING + _MMA_MATCHES_FP64, interpret=False)
 
 
 def test_fragment_kernel_plan():
